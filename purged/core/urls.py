@@ -1,0 +1,114 @@
+"""Core layer: URL validation and the split into (host, path) that a PURGE request needs.
+
+A purge target is kept as one string ``host + path`` (the path always starts with ``/`` and a host never
+contains one, so the split is unambiguous); one string per log entry keeps memory low.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InvalidURL
+
+DEFAULT_MAX_LENGTH = 8192  # resource_change's meta.uri limit
+
+# RFC 3986 reg-name characters we accept in a host (no percent-escapes, no userinfo), plus '_' seen in the wild.
+_HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9_.-]*[a-z0-9_])?\Z")
+_IPV6_RE = re.compile(r"\[[0-9a-f:.]+\]\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")  # controls, CR, LF, and space (would break the request line)
+
+
+def _reject(reason: str, detail: str) -> InvalidURL:
+    return InvalidURL(detail, reason=reason)
+
+
+def validate_host(host: str) -> str:
+    """Return the canonical (lower-case, ASCII) form of ``host[:port]`` or raise :class:`InvalidURL`."""
+    if not host:
+        raise _reject("bad_host", "empty host")
+    if _CONTROL_RE.search(host):
+        raise _reject("control_char", "host contains a control character, space, CR or LF")
+    if "@" in host:
+        raise _reject("userinfo", "userinfo (user@) is not allowed")
+    host = host.lower()
+    name, port = host, ""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise _reject("bad_host", "unterminated IPv6 literal")
+        name, rest = host[: end + 1], host[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise _reject("bad_host", "garbage after IPv6 literal")
+            port = rest[1:]
+        if not _IPV6_RE.match(name):
+            raise _reject("bad_host", "bad IPv6 literal")
+    else:
+        if ":" in host:
+            name, _, port = host.partition(":")
+        if not name.isascii():
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise _reject("bad_host", f"host is not a valid IDN: {exc}") from None
+        if len(name) > 253 or not _HOST_RE.match(name) or ".." in name:
+            raise _reject("bad_host", f"invalid host name {name[:80]!r}")
+    if port or host.endswith(":"):
+        if not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+            raise _reject("bad_port", f"invalid port {port[:10]!r}")
+        return f"{name}:{int(port)}"
+    return name
+
+
+def _encode_path(path: str) -> str:
+    """Percent-encode non-ASCII characters as UTF-8; existing escapes and the query stay untouched."""
+    if path.isascii():
+        return path
+    return "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in path)
+
+
+def parse_url(url: str, *, max_length: int = DEFAULT_MAX_LENGTH, allow_bare_host: bool = False) -> str:
+    """Validate ``url`` and return its purge target ``host + path`` (path with query, no fragment).
+
+    Accepts ``http://``, ``https://`` and scheme-relative ``//host/path`` URLs (change-propagation sends the
+    latter). With ``allow_bare_host`` a string without ``/`` is read as ``http://<it>/`` (HTCP's ``test.com``).
+    """
+    if not isinstance(url, str):
+        raise _reject("not_a_string", f"URL must be a string, not {type(url).__name__}")
+    if not url:
+        raise _reject("empty", "empty URL")
+    if len(url) > max_length:
+        raise _reject("too_long", f"URL is {len(url)} characters, the limit is {max_length}")
+    if _CONTROL_RE.search(url):
+        raise _reject("control_char", "URL contains a control character, space, CR or LF")
+    lower = url[:8].lower()
+    if lower.startswith("http://"):
+        rest = url[7:]
+    elif lower.startswith("https://"):
+        rest = url[8:]
+    elif url.startswith("//"):
+        rest = url[2:]
+    elif allow_bare_host and "/" not in url:
+        rest = url
+    else:
+        scheme = url.partition(":")[0] if ":" in url else ""
+        if scheme and scheme.isalpha():
+            raise _reject("bad_scheme", f"scheme {scheme[:20]!r} is not http or https")
+        raise _reject("bad_scheme", "URL must start with http://, https:// or //")
+    cut = len(rest)
+    for sep in "/?#":
+        i = rest.find(sep)
+        if 0 <= i < cut:
+            cut = i
+    host, path = rest[:cut], rest[cut:]
+    host = validate_host(host)
+    path = path.partition("#")[0]
+    if not path.startswith("/"):
+        path = "/" + path  # "host?q" -> "/?q"
+    return host + _encode_path(path)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split a purge target back into (host, path)."""
+    i = target.find("/")
+    return target[:i], target[i:]

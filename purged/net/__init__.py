@@ -1,0 +1,1 @@
+"""Trio adapters: the thin I/O layer around the sans-IO core."""
