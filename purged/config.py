@@ -1,0 +1,372 @@
+"""Configuration: ``parse_config(mapping) -> Config``, one frozen, validated object tree.
+
+Pure (no I/O) except :func:`load_config`. Every problem is collected, not just the first, and each names its dotted
+key path (``datacenters.eqiad.tiers[1].nodes[0]: ...``) so that ``purged --check-config`` can list them all.
+Unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.errors import InvalidURL
+from .core.urls import validate_host
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` lists each problem as ``"dotted.path: message"``."""
+
+    reason = "invalid_config"
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class MulticastListen:
+    group: str
+    port: int
+    interface: str = "0.0.0.0"
+    format: str = "htcp"
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    rcvbuf: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Listen:
+    http: Address | None = Address("127.0.0.1", 8090)
+    multicast: tuple[MulticastListen, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_urls_per_batch: int = 100_000
+    max_url_length: int = 8192
+    max_wait: float = 60.0  # longest ?wait= a status request may hold the connection
+    recent_batches: int = 100_000  # batch ids whose status stays queryable
+
+
+@dataclass(frozen=True)
+class Sender:
+    connections: int = 2  # persistent connections per node
+    window: int = 64  # requests in flight per connection (pipelined)
+    timeout: float = 10.0  # seconds without a response before the connection is deemed stuck
+    connect_timeout: float = 5.0
+    retry_initial: float = 0.1  # first backoff, seconds; doubles per consecutive failure
+    retry_max: float = 30.0
+    down_after: int = 5  # consecutive failures before a node is marked down and only probed
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    nodes: tuple[Address, ...]
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Datacenter:
+    name: str
+    tiers: tuple[Tier, ...]
+    hosts: tuple[str, ...] = ()  # glob patterns; empty means every host
+
+
+@dataclass(frozen=True)
+class Config:
+    datacenters: tuple[Datacenter, ...]
+    listen: Listen = field(default_factory=Listen)
+    limits: Limits = field(default_factory=Limits)
+    sender: Sender = field(default_factory=Sender)
+    shutdown_timeout: float = 30.0
+
+
+# -- the parser ---------------------------------------------------------------------------------------------------
+
+
+class _Errors:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}" if path else message)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _mapping(value: Any, path: str, errs: _Errors, allowed: set[str]) -> Mapping[str, Any] | None:
+    if not isinstance(value, Mapping):
+        errs.add(path, f"expected a mapping, got {_type_name(value)}")
+        return None
+    for key in value:
+        if not isinstance(key, str):
+            errs.add(path, f"keys must be strings, got {key!r}")
+        elif key not in allowed:
+            errs.add(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _number(value: Any, path: str, errs: _Errors, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    ok_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
+        errs.add(path, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)}")
+        return None
+    if value < minimum:
+        errs.add(path, f"must be >= {minimum:g}, got {value}")
+        return None
+    return value
+
+
+def _string(value: Any, path: str, errs: _Errors) -> str | None:
+    if not isinstance(value, str) or not value:
+        errs.add(path, f"expected a non-empty string, got {_type_name(value)}")
+        return None
+    return value
+
+
+def _list(value: Any, path: str, errs: _Errors) -> list[Any] | None:
+    if not isinstance(value, list):
+        errs.add(path, f"expected a list, got {_type_name(value)}")
+        return None
+    return value
+
+
+def _address(value: Any, path: str, errs: _Errors) -> Address | None:
+    text = _string(value, path, errs)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        errs.add(path, f"expected host:port, got {text!r}")
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        validate_host(host if ":" not in host else f"[{host}]")
+    except InvalidURL as exc:
+        errs.add(path, f"invalid host {host!r}: {exc.detail}")
+        return None
+    return Address(host, int(port))
+
+
+def _fields(value: Mapping[str, Any], path: str, errs: _Errors, spec: dict[str, Callable[..., Any]]) -> dict:
+    """Parse the keys present in ``value`` with the converter named for each in ``spec``."""
+    out = {}
+    for key, convert in spec.items():
+        if key in value:
+            parsed = convert(value[key], _join(path, key), errs)
+            if parsed is not None:
+                out[key] = parsed
+    return out
+
+
+def _pos(**kw: Any) -> Callable[[Any, str, _Errors], Any]:
+    return lambda v, p, e: _number(v, p, e, **kw)
+
+
+def _parse_multicast(value: Any, path: str, errs: _Errors) -> MulticastListen | None:
+    allowed = {"group", "port", "interface", "format", "sources", "rcvbuf"}
+    m = _mapping(value, path, errs, allowed)
+    if m is None:
+        return None
+    before = len(errs.items)
+    for key in ("group", "port"):
+        if key not in m:
+            errs.add(_join(path, key), "required")
+    kw = _fields(m, path, errs, {"port": _pos(minimum=1, integer=True), "rcvbuf": _pos(minimum=4096, integer=True)})
+    if kw.get("port", 1) > 65535:
+        errs.add(_join(path, "port"), "must be <= 65535")
+    for key in ("group", "interface"):
+        if key in m:
+            try:
+                ip = ipaddress.ip_address(m[key])
+            except (ValueError, TypeError):
+                errs.add(_join(path, key), f"expected an IP address, got {m[key]!r}")
+                continue
+            if key == "group" and not ip.is_multicast:
+                errs.add(_join(path, key), f"{ip} is not a multicast address")
+            kw[key] = str(ip)
+    if "format" in m:
+        if m["format"] not in ("htcp", "msgpack"):
+            errs.add(_join(path, "format"), f"expected htcp or msgpack, got {m['format']!r}")
+        else:
+            kw["format"] = m["format"]
+    if "sources" in m:
+        items = _list(m["sources"], _join(path, "sources"), errs) or []
+        nets = []
+        for i, item in enumerate(items):
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except (ValueError, TypeError):
+                errs.add(f"{path}.sources[{i}]", f"expected a network like 10.0.0.0/8, got {item!r}")
+        kw["sources"] = tuple(nets)
+    return MulticastListen(**kw) if len(errs.items) == before else None
+
+
+def _parse_listen(value: Any, path: str, errs: _Errors) -> Listen | None:
+    m = _mapping(value, path, errs, {"http", "multicast"})
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    if "http" in m:
+        kw["http"] = None if m["http"] is None else _address(m["http"], _join(path, "http"), errs)
+    if "multicast" in m:
+        items = _list(m["multicast"], _join(path, "multicast"), errs) or []
+        kw["multicast"] = tuple(
+            x for i, v in enumerate(items) if (x := _parse_multicast(v, f"{path}.multicast[{i}]", errs))
+        )
+    return Listen(**kw)
+
+
+def _parse_limits(value: Any, path: str, errs: _Errors) -> Limits | None:
+    spec = {
+        "max_body_bytes": _pos(minimum=1024, integer=True),
+        "max_urls_per_batch": _pos(minimum=1, integer=True),
+        "max_url_length": _pos(minimum=16, integer=True),
+        "max_wait": _pos(),
+        "recent_batches": _pos(minimum=1, integer=True),
+    }
+    m = _mapping(value, path, errs, set(spec))
+    return None if m is None else Limits(**_fields(m, path, errs, spec))
+
+
+def _parse_sender(value: Any, path: str, errs: _Errors) -> Sender | None:
+    spec = {
+        "connections": _pos(minimum=1, integer=True),
+        "window": _pos(minimum=1, integer=True),
+        "timeout": _pos(minimum=0.001),
+        "connect_timeout": _pos(minimum=0.001),
+        "retry_initial": _pos(minimum=0.001),
+        "retry_max": _pos(minimum=0.001),
+        "down_after": _pos(minimum=1, integer=True),
+    }
+    m = _mapping(value, path, errs, set(spec))
+    return None if m is None else Sender(**_fields(m, path, errs, spec))
+
+
+def _parse_tier(value: Any, path: str, errs: _Errors, index: int) -> Tier | None:
+    m = _mapping(value, path, errs, {"name", "nodes", "delay"})
+    if m is None:
+        return None
+    name = _string(m["name"], _join(path, "name"), errs) if "name" in m else f"tier{index}"
+    delay = _number(m["delay"], _join(path, "delay"), errs) if "delay" in m else 0.0
+    nodes: list[Address] = []
+    if "nodes" not in m:
+        errs.add(_join(path, "nodes"), "required")
+    else:
+        items = _list(m["nodes"], _join(path, "nodes"), errs) or []
+        if not items and isinstance(m["nodes"], list):
+            errs.add(_join(path, "nodes"), "must list at least one node")
+        nodes = [a for i, v in enumerate(items) if (a := _address(v, f"{path}.nodes[{i}]", errs))]
+    if name is None or delay is None:
+        return None
+    return Tier(name=name, nodes=tuple(nodes), delay=float(delay))
+
+
+def _parse_datacenter(name: str, value: Any, path: str, errs: _Errors) -> Datacenter | None:
+    m = _mapping(value, path, errs, {"hosts", "tiers"})
+    if m is None:
+        return None
+    hosts: list[str] = []
+    if "hosts" in m:
+        for i, h in enumerate(_list(m["hosts"], _join(path, "hosts"), errs) or []):
+            pattern = _string(h, f"{path}.hosts[{i}]", errs)
+            if pattern is not None:
+                if any(c.isspace() or ord(c) < 0x20 for c in pattern):
+                    errs.add(f"{path}.hosts[{i}]", "host pattern contains whitespace or control characters")
+                hosts.append(pattern.lower())
+    tiers: list[Tier] = []
+    if "tiers" not in m:
+        errs.add(_join(path, "tiers"), "required")
+    else:
+        items = _list(m["tiers"], _join(path, "tiers"), errs) or []
+        if not items and isinstance(m["tiers"], list):
+            errs.add(_join(path, "tiers"), "must list at least one tier")
+        tiers = [t for i, v in enumerate(items) if (t := _parse_tier(v, f"{path}.tiers[{i}]", errs, i))]
+        names = [t.name for t in tiers]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            errs.add(_join(path, "tiers"), f"tier name {dup!r} is used twice")
+    return Datacenter(name=name, tiers=tuple(tiers), hosts=tuple(hosts))
+
+
+_TOP_KEYS = {"listen", "datacenters", "limits", "sender", "shutdown_timeout"}
+
+
+def parse_config(data: Any) -> Config:
+    """Validate a mapping (as loaded from YAML) into a frozen :class:`Config`, or raise :class:`ConfigError`."""
+    errs = _Errors()
+    m = _mapping(data, "", errs, _TOP_KEYS)
+    if m is None:
+        raise ConfigError(errs.items)
+    kw: dict[str, Any] = {}
+    dcs: list[Datacenter] = []
+    if "datacenters" not in m:
+        errs.add("datacenters", "required")
+    elif not isinstance(m["datacenters"], Mapping) or not m["datacenters"]:
+        errs.add("datacenters", f"expected a non-empty mapping of name: datacenter, got {_type_name(m['datacenters'])}")
+    else:
+        for name, value in m["datacenters"].items():
+            path = f"datacenters.{name}"
+            if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+                errs.add(path, "data centre names must be letters, digits, - and _")
+                continue
+            dc = _parse_datacenter(name, value, path, errs)
+            if dc is not None:
+                dcs.append(dc)
+    seen: dict[Address, str] = {}
+    for dc in dcs:
+        for ti, tier in enumerate(dc.tiers):
+            for ni, node in enumerate(tier.nodes):
+                path = f"datacenters.{dc.name}.tiers[{ti}].nodes[{ni}]"
+                if node in seen:
+                    errs.add(path, f"node {node} is already listed at {seen[node]}")
+                seen.setdefault(node, path)
+    kw.update(
+        _fields(
+            m,
+            "",
+            errs,
+            {
+                "listen": _parse_listen,
+                "limits": _parse_limits,
+                "sender": _parse_sender,
+                "shutdown_timeout": _pos(),
+            },
+        )
+    )
+    if errs.items:
+        raise ConfigError(errs.items)
+    return Config(datacenters=tuple(dcs), **kw)
+
+
+def load_config(path: str) -> Config:
+    """Read a YAML file and parse it; YAML syntax errors become a :class:`ConfigError` too."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_config(data)

@@ -1,0 +1,74 @@
+"""Core layer: the purge log, an append-only sequence of unique pending purges shared by every node.
+
+Each entry is ``(target, accepted_at, dc_mask)``; its sequence number is its position. A per-target index
+(target -> latest seq) makes coalescing O(1): a purge whose latest entry no node has read yet merges into it
+(DESIGN.md guarantee 2: merge only while unsent). Memory is the span between the lowest node position and the
+head; :meth:`trim` drops what every node is done with.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Entry(NamedTuple):
+    target: str  # host + path
+    accepted_at: float
+    dc_mask: int  # data centres whose nodes must get it
+
+
+class PurgeLog:
+    def __init__(self) -> None:
+        self._entries: list[Entry | None] = []
+        self._offset = 0  # index in _entries of seq ``base``
+        self.base = 0  # lowest seq still held
+        self.head = 0  # next seq to assign
+        self.read_mark = 0  # no node has read any entry at or above this seq
+        self.index: dict[str, int] = {}  # target -> latest seq
+
+    def __len__(self) -> int:
+        return self.head - self.base
+
+    def get(self, seq: int) -> Entry:
+        entry = self._entries[self._offset + seq - self.base]
+        assert entry is not None
+        return entry
+
+    def latest(self, target: str) -> int | None:
+        return self.index.get(target)
+
+    def append(self, target: str, now: float, dc_mask: int) -> tuple[int, bool]:
+        """Add a purge; return ``(seq, merged)``. A merge reuses the unread latest entry for the same target."""
+        latest = self.index.get(target)
+        if latest is not None and latest >= self.read_mark:
+            return latest, True
+        seq = self.head
+        self._entries.append(Entry(target, now, dc_mask))
+        self.index[target] = seq
+        self.head += 1
+        return seq, False
+
+    def mark_read(self, seq: int) -> None:
+        """A node read ``seq``: from now on a new purge of that target needs a new entry."""
+        if seq >= self.read_mark:
+            self.read_mark = seq + 1
+
+    def trim(self, below: int) -> int:
+        """Forget entries below ``below`` (every node is done with them); return how many were dropped."""
+        below = min(below, self.head)
+        dropped = 0
+        entries, index = self._entries, self.index
+        while self.base < below:
+            i = self._offset
+            entry = entries[i]
+            entries[i] = None
+            if entry is not None and index.get(entry.target) == self.base:
+                del index[entry.target]
+            self._offset += 1
+            self.base += 1
+            dropped += 1
+        # Compact once the dead prefix dominates: amortised O(1) per entry, and list indexing stays O(1).
+        if self._offset > 4096 and self._offset * 2 > len(entries):
+            del entries[: self._offset]
+            self._offset = 0
+        return dropped
