@@ -151,12 +151,14 @@ def _list(value: Any, path: str, errs: _Errors) -> list[Any] | None:
     return value
 
 
-def _address(value: Any, path: str, errs: _Errors) -> Address | None:
+def _address(value: Any, path: str, errs: _Errors, *, listen: bool = False) -> Address | None:
+    """``host:port`` (IPv6 in brackets). Port 0 (any free port) only for addresses we listen on."""
     text = _string(value, path, errs)
     if text is None:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    lowest = 0 if listen else 1
+    if not sep or not port.isdigit() or not lowest <= int(port) < 65536 or not host:
         errs.add(path, f"expected host:port, got {text!r}")
         return None
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -228,7 +230,7 @@ def _parse_listen(value: Any, path: str, errs: _Errors) -> Listen | None:
         return None
     kw: dict[str, Any] = {}
     if "http" in m:
-        kw["http"] = None if m["http"] is None else _address(m["http"], _join(path, "http"), errs)
+        kw["http"] = None if m["http"] is None else _address(m["http"], _join(path, "http"), errs, listen=True)
     if "multicast" in m:
         items = _list(m["multicast"], _join(path, "multicast"), errs) or []
         kw["multicast"] = tuple(

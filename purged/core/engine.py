@@ -109,6 +109,7 @@ class Engine:
         self.node_stats = {name: _NodeStats() for name in self.nodes}
         self.latency: dict[tuple[str, str], list] = {}  # (dc, tier) -> [bucket counts, sum]
         self._acks_since_trim = 0
+        self.gates_changed = False  # set when a tier gate opened; the I/O layer clears it after waking senders
         self.started = now
 
     # -- ingest -----------------------------------------------------------------------------------------------
@@ -251,9 +252,25 @@ class Engine:
             node.down = True
         self._schedule_retry(node, seq, now)
 
+    def requeue(self, name: str, seqs: list[int], now: float) -> None:
+        """The connection closed gracefully with ``seqs`` unanswered: resend them, with no failure counted."""
+        node = self.nodes.get(name)
+        if node is not None:
+            for seq in seqs:
+                if seq in node.inflight:
+                    node.schedule_retry(seq, now)
+
+    def _backoff(self, failures: int) -> float:
+        """Capped exponential backoff with jitter in [1/2, 1] of the step, so retries of many nodes spread out."""
+        step = min(self.retry_max, self.retry_initial * 2 ** min(max(failures - 1, 0), 30))
+        return step * (0.5 + self._rng.random() / 2)
+
+    def reconnect_delay(self, name: str) -> float:
+        node = self.nodes.get(name)
+        return self._backoff(node.failures) if node is not None and node.failures else 0.0
+
     def _schedule_retry(self, node: NodeCursor, seq: int, now: float) -> None:
-        backoff = min(self.retry_max, self.retry_initial * 2 ** min(node.failures - 1, 30))
-        node.schedule_retry(seq, now + backoff * (0.5 + self._rng.random() / 2))
+        node.schedule_retry(seq, now + self._backoff(node.failures))
 
     # -- tier order -------------------------------------------------------------------------------------------
 
@@ -270,6 +287,7 @@ class Engine:
         tier.position = position
         if tiers[ti + 1].delay <= 0:
             tier.gate = position
+            self.gates_changed = True
         else:
             tier.marks.append((position, now))
 
@@ -293,6 +311,7 @@ class Engine:
                 delay = tiers[ti + 1].delay
                 while tier.marks and tier.marks[0][1] + delay <= now:
                     tier.gate = tier.marks.popleft()[0]
+                    self.gates_changed = True
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
 

@@ -73,6 +73,8 @@ def parse_url(url: str, *, max_length: int = DEFAULT_MAX_LENGTH, allow_bare_host
     Accepts ``http://``, ``https://`` and scheme-relative ``//host/path`` URLs (change-propagation sends the
     latter). With ``allow_bare_host`` a string without ``/`` is read as ``http://<it>/`` (HTCP's ``test.com``).
     """
+    if url is None:
+        raise _reject("missing_url", "no URL given")
     if not isinstance(url, str):
         raise _reject("not_a_string", f"URL must be a string, not {type(url).__name__}")
     if not url:

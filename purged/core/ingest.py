@@ -1,0 +1,132 @@
+"""Core layer: decoding purge request bodies into URL lists, and validating a batch of URLs.
+
+Bodies come from the HTTP API: ``POST /v1/purge`` (JSON, msgpack or text/plain) and change-propagation's
+``POST /sys/purge/`` (a JSON array of resource_change events). Everything here raises :class:`DecodeError`
+with an HTTP status hint; a bad URL inside a good body is not an error but a per-index rejection.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import DecodeError, InvalidURL
+from .urls import parse_url
+
+JSON_TYPES = ("application/json", "text/json")
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+TEXT_TYPES = ("text/plain",)
+PRIORITIES = ("bulk", "high")
+
+
+@dataclass
+class PurgeRequest:
+    urls: list[Any]
+    priority: str = "bulk"
+
+
+@dataclass
+class Validated:
+    targets: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"index", "reason", "detail"}
+
+    def reasons(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.rejected:
+            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
+        return counts
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").partition(";")[0].strip().lower()
+
+
+def _bad(reason: str, detail: str, status: int = 400) -> DecodeError:
+    return DecodeError(detail, reason=reason, status=status)
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _bad("bad_json", f"body is not valid JSON: {exc}") from None
+
+
+def _load_msgpack(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
+        # msgpack's UnpackException subclasses are not ValueErrors: catch both.
+        raise _bad("bad_msgpack", f"body is not valid msgpack: {exc}") from None
+
+
+def decode_purge_body(content_type: str | None, body: bytes, max_urls: int) -> PurgeRequest:
+    """Decode a ``POST /v1/purge`` body: ``{"urls": [...], "priority": ...}`` or text with one URL per line.
+
+    A missing or form content type (``curl -d``) is sniffed: a body starting with ``{`` is read as JSON.
+    """
+    kind = media_type(content_type)
+    if kind in ("", "application/x-www-form-urlencoded"):
+        kind = "application/json" if body.lstrip()[:1] == b"{" else "text/plain"
+    if kind in TEXT_TYPES:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad("not_utf8", "text/plain body is not UTF-8") from None
+        urls: Any = [line.strip() for line in text.splitlines() if line.strip()]
+        data: Any = {"urls": urls}
+    elif kind in JSON_TYPES:
+        data = _load_json(body)
+    elif kind in MSGPACK_TYPES:
+        data = _load_msgpack(body)
+    else:
+        raise _bad(
+            "unsupported_media_type",
+            f"Content-Type {kind!r} is not one of application/json, application/msgpack, text/plain",
+            status=415,
+        )
+    if not isinstance(data, dict):
+        raise _bad("bad_body", 'expected an object {"urls": [...]}')
+    unknown = set(data) - {"urls", "priority"}
+    if unknown:
+        raise _bad("bad_body", f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    urls = data.get("urls")
+    if not isinstance(urls, list):
+        raise _bad("bad_body", '"urls" must be a list of URL strings')
+    priority = data.get("priority", "bulk")
+    if priority not in PRIORITIES:
+        raise _bad("bad_priority", f'"priority" must be one of {", ".join(PRIORITIES)}')
+    if len(urls) > max_urls:
+        raise _bad("too_many_urls", f"{len(urls)} URLs in one batch, the limit is {max_urls}", status=413)
+    return PurgeRequest(urls, priority)
+
+
+def decode_resource_changes(body: bytes, max_urls: int) -> list[Any]:
+    """Decode change-propagation's ``POST /sys/purge/`` body into the list of ``meta.uri`` values.
+
+    An event without a usable ``meta.uri`` yields ``None`` at its index, so the caller rejects that one only.
+    """
+    data = _load_json(body)
+    if not isinstance(data, list):
+        raise _bad("bad_body", "expected a JSON array of resource_change events")
+    if len(data) > max_urls:
+        raise _bad("too_many_urls", f"{len(data)} events in one batch, the limit is {max_urls}", status=413)
+    uris: list[Any] = []
+    for event in data:
+        meta = event.get("meta") if isinstance(event, dict) else None
+        uris.append(meta.get("uri") if isinstance(meta, dict) else None)
+    return uris
+
+
+def validate_urls(urls: list[Any], max_length: int) -> Validated:
+    """Validate each URL; bad ones are rejected by index and never affect the good ones."""
+    out = Validated()
+    for i, url in enumerate(urls):
+        try:
+            out.targets.append(parse_url(url, max_length=max_length))
+        except InvalidURL as exc:
+            out.rejected.append({"index": i, "reason": exc.reason, "detail": exc.detail})
+    return out

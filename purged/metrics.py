@@ -1,0 +1,117 @@
+"""Metrics: a Prometheus collector that turns ``statistics()`` of the core and adapters into metric families at
+scrape time. Nothing is counted twice and the hot path pays nothing for metrics: the core keeps plain integers.
+
+Names continue Wikimedia's Go purged where one exists (``purged_http_requests_total``, ``purged_backlog``,
+``purged_tcp_errors_total``); docs/metrics.md lists every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .core.engine import LATENCY_BUCKETS, Engine
+
+NODE_LABELS = ["dc", "layer", "node"]
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine_fn: Callable[[], Engine], now: Callable[[], float], extra: Callable[[], list] = list):
+        self._engine = engine_fn  # a callable: a config reload may swap the engine's parts
+        self._now = now
+        self._extra = extra  # more families from adapters (multicast, senders)
+
+    def collect(self) -> Iterator[Any]:
+        engine = self._engine()
+        stats = engine.statistics(self._now())
+        nodes = stats["nodes"]
+
+        def node_family(cls: type, name: str, doc: str, value: Callable[[str, dict], float]) -> Any:
+            fam = cls(name, doc, labels=NODE_LABELS)
+            for node, st in nodes.items():
+                fam.add_metric([st["dc"], st["tier"], node], value(node, st))
+            return fam
+
+        requests = CounterMetricFamily(
+            "purged_http_requests", "PURGE responses from edge nodes, by status code", labels=["status", "layer", "dc"]
+        )
+        totals: dict[tuple[str, str, str], int] = {}
+        tcp_errors: dict[str, int] = {}
+        for node, ns in stats["node_stats"].items():
+            st = nodes[node]
+            for status, count in ns.responses.items():
+                key = (str(status), st["tier"], st["dc"])
+                totals[key] = totals.get(key, 0) + count
+            for kind, count in ns.errors.items():
+                tcp_errors[kind] = tcp_errors.get(kind, 0) + count
+        for key, count in sorted(totals.items()):
+            requests.add_metric(list(key), count)
+        yield requests
+        errors = CounterMetricFamily("purged_tcp_errors", "Connection failures to edge nodes, by type", labels=["type"])
+        for kind, count in sorted(tcp_errors.items()):
+            errors.add_metric([kind], count)
+        yield errors
+        node_errors = CounterMetricFamily(
+            "purged_node_connection_errors", "Connection failures per node, by type", labels=NODE_LABELS + ["type"]
+        )
+        for node, ns in stats["node_stats"].items():
+            for kind, count in sorted(ns.errors.items()):
+                node_errors.add_metric([nodes[node]["dc"], nodes[node]["tier"], node, kind], count)
+        yield node_errors
+        ns_ = stats["node_stats"]
+        yield node_family(GaugeMetricFamily, "purged_backlog", "Purges a node still owes", lambda n, s: s["backlog"])
+        yield node_family(
+            GaugeMetricFamily,
+            "purged_backlog_oldest_seconds",
+            "Age of the oldest purge a node still owes",
+            lambda n, s: s["oldest_pending_seconds"],
+        )
+        yield node_family(GaugeMetricFamily, "purged_node_up", "1 while a node answers, 0 while marked down",
+                          lambda n, s: 0 if s["state"] == "down" else 1)
+        yield node_family(GaugeMetricFamily, "purged_inflight", "PURGEs sent and not answered yet",
+                          lambda n, s: s["inflight"])
+        yield node_family(CounterMetricFamily, "purged_purges_sent", "PURGE requests written to a node",
+                          lambda n, s: ns_[n].sent)
+        yield node_family(CounterMetricFamily, "purged_retries", "PURGEs resent after a failure or a 5xx",
+                          lambda n, s: ns_[n].retries)
+        yield node_family(CounterMetricFamily, "purged_node_errors",
+                          "PURGEs answered with an error status that is not retried (4xx other than 404)",
+                          lambda n, s: ns_[n].gave_up)
+
+        fams = {
+            "received": CounterMetricFamily("purged_purges_received", "Purges received, by source", labels=["source"]),
+            "accepted": CounterMetricFamily("purged_purges_accepted", "Purges accepted, by source", labels=["source"]),
+            "coalesced": CounterMetricFamily(
+                "purged_purges_coalesced", "Purges merged into an unsent one for the same URL", labels=["source"]
+            ),
+        }
+        rejected = CounterMetricFamily(
+            "purged_purges_rejected", "Purges refused at ingest, by reason", labels=["source", "reason"]
+        )
+        for source, ss in sorted(stats["sources"].items()):
+            for key, fam in fams.items():
+                fam.add_metric([source], getattr(ss, key))
+            for reason, count in sorted(ss.rejected.items()):
+                rejected.add_metric([source, reason], count)
+        yield from fams.values()
+        yield rejected
+
+        latency = HistogramMetricFamily(
+            "purged_purge_latency_seconds", "From accepting a purge to a node acknowledging it", labels=["dc", "layer"]
+        )
+        for (dc, layer), (counts, total) in sorted(stats["latency"].items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS, counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric([dc, layer], buckets, total)
+        yield latency
+        yield GaugeMetricFamily("purged_log_entries", "Entries held in the purge log", value=stats["log_entries"])
+        yield GaugeMetricFamily(
+            "purged_unique_pending", "Unique URLs some node has not been sent yet", value=stats["unique_pending"]
+        )
+        yield CounterMetricFamily("purged_batches", "Batches accepted", value=stats["batches"])
+        yield from self._extra()

@@ -1,0 +1,282 @@
+"""Trio adapter: the HTTP API, served with h11 on trio streams.
+
+Routes: ``POST /v1/purge``, ``GET /v1/purge/{id}[?wait=S]``, ``POST /sys/purge/`` (change-propagation),
+``PURGE /path`` with a Host header (operators' curl), ``GET /metrics``, ``GET /healthz``. Every error is JSON
+``{"error": reason, "detail": ...}`` with its status. Body decoding and URL validation live in the core
+(:mod:`purged.core.ingest`); this module only moves bytes and maps errors to statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from ..core.errors import InvalidURL, PurgedError
+from ..core.ingest import decode_purge_body, decode_resource_changes, validate_urls
+from ..core.urls import parse_url, validate_host
+
+if TYPE_CHECKING:
+    from ..daemon import Service
+
+log = logging.getLogger("purged.http")
+
+IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
+READ_TIMEOUT = 30.0  # a request (headers and body) must arrive within this
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class HTTPError(PurgedError):
+    """An API error: answered as JSON with ``status`` and ``reason``."""
+
+    def __init__(self, status: int, reason: str, detail: str = "", headers: list | None = None):
+        super().__init__(detail or reason, reason=reason, status=status)
+        self.headers = headers or []
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ","
+    body: bytes
+    peer: str
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list | None = None
+
+
+def json_response(status: int, data: Any, headers: list | None = None) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":")).encode() + b"\n", headers=headers)
+
+
+def error_response(exc: PurgedError) -> Response:
+    headers = getattr(exc, "headers", None)
+    return json_response(exc.status, {"error": exc.reason, "detail": exc.detail or exc.reason}, headers)
+
+
+class API:
+    """Routes requests to the service. Stateless apart from the service it wraps."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.limits = service.config.limits
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path
+        if path == "/v1/purge":
+            self._allow(req, "POST")
+            return self._purge_batch(req)
+        if path.startswith("/v1/purge/"):
+            self._allow(req, "GET")
+            return await self._status(req, path[len("/v1/purge/") :])
+        if path in ("/sys/purge/", "/sys/purge"):
+            self._allow(req, "POST")
+            return self._sys_purge(req)
+        if req.method == "PURGE":
+            return self._purge_one(req)
+        if path == "/metrics":
+            self._allow(req, "GET")
+            body, content_type = self.service.render_metrics(req.headers.get("accept", ""))
+            return Response(200, body, content_type)
+        if path == "/healthz":
+            self._allow(req, "GET")
+            return json_response(200, self.service.health())
+        raise HTTPError(404, "not_found", f"no route for {path}")
+
+    @staticmethod
+    def _allow(req: Request, *methods: str) -> None:
+        if req.method not in methods and not (req.method == "HEAD" and "GET" in methods):
+            allow = ", ".join(methods)
+            raise HTTPError(405, "method_not_allowed", f"{req.method} {req.path}: use {allow}", [("Allow", allow)])
+
+    def _accept(self, req: Request, urls: list[Any], source: str, status: int, priority: str = "bulk") -> Response:
+        checked = validate_urls(urls, self.limits.max_url_length)
+        engine = self.service.engine
+        for reason, count in checked.reasons().items():
+            engine.reject(source, reason, count)
+        if not checked.targets:
+            detail = "no valid URL in the batch" if urls else "the batch is empty"
+            return json_response(
+                400, {"error": "no_valid_urls", "detail": detail, "accepted": 0, "rejected": checked.rejected}
+            )
+        receipt = self.service.submit(checked.targets, source, priority)
+        return json_response(
+            status,
+            {
+                "id": receipt.batch_id,
+                "accepted": receipt.accepted,
+                "coalesced": receipt.coalesced,
+                "rejected": checked.rejected,
+            },
+        )
+
+    def _purge_batch(self, req: Request) -> Response:
+        decoded = decode_purge_body(req.headers.get("content-type"), req.body, self.limits.max_urls_per_batch)
+        return self._accept(req, decoded.urls, "http", 202, decoded.priority)
+
+    def _sys_purge(self, req: Request) -> Response:
+        uris = decode_resource_changes(req.body, self.limits.max_urls_per_batch)
+        return self._accept(req, uris, "changeprop", 201)
+
+    def _purge_one(self, req: Request) -> Response:
+        target = req.target
+        if target.startswith("/"):
+            host = req.headers.get("host", "")
+            try:
+                url = "http://" + validate_host(host) + target
+            except InvalidURL as exc:
+                raise HTTPError(400, exc.reason, f"Host header: {exc.detail}") from None
+        else:
+            url = target  # absolute-form request target: PURGE http://host/path
+        try:
+            parse_url(url, max_length=self.limits.max_url_length)
+        except InvalidURL as exc:
+            self.service.engine.reject("purge", exc.reason)
+            raise HTTPError(400, exc.reason, exc.detail) from None
+        return self._accept(req, [url], "purge", 202, "high")
+
+    async def _status(self, req: Request, batch_id: str) -> Response:
+        wait = 0.0
+        if "wait" in req.query:
+            try:
+                wait = float(req.query["wait"][-1])
+            except ValueError:
+                raise HTTPError(400, "bad_wait", "wait must be a number of seconds") from None
+            if not 0 <= wait < float("inf"):
+                raise HTTPError(400, "bad_wait", "wait must be a non-negative number of seconds")
+        wait = min(wait, self.limits.max_wait)
+        status = self.service.engine.batch_status(batch_id)
+        if status is None:
+            raise HTTPError(404, "unknown_batch", f"no batch {batch_id!r} (unknown, or too old to remember)")
+        with trio.move_on_after(wait):
+            while not status["done"]:
+                await self.service.progress.wait()
+                status = self.service.engine.batch_status(batch_id)
+                if status is None:
+                    break
+        if status is None:
+            raise HTTPError(404, "unknown_batch", f"batch {batch_id!r} was forgotten while waiting")
+        return json_response(200, status)
+
+
+async def _send(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, head_only: bool) -> None:
+    headers = [
+        ("Content-Type", resp.content_type),
+        ("Content-Length", str(len(resp.body))),
+        ("Server", "purged"),
+    ] + list(resp.headers or [])
+    data = conn.send(h11.Response(status_code=resp.status, headers=headers))
+    if not head_only:
+        data += conn.send(h11.Data(data=resp.body))
+    data += conn.send(h11.EndOfMessage())
+    await stream.send_all(data)
+
+
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        data = await stream.receive_some(65536)
+        conn.receive_data(data)
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str) -> Request | None:
+    with trio.move_on_after(IDLE_TIMEOUT) as idle:
+        event = await _next_event(conn, stream)
+    if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
+        return None
+    assert isinstance(event, h11.Request)
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]},{text}" if key in headers else text
+    method = event.method.decode("ascii")
+    target = event.target.decode("latin-1")
+    split = urlsplit(target)
+    path = split.path if target.startswith("/") else target
+    limit = api.limits.max_body_bytes
+    if method in ("POST", "PUT") and "content-length" not in headers and "transfer-encoding" not in headers:
+        raise HTTPError(411, "length_required", "send a Content-Length (or chunked) body")
+    length = headers.get("content-length", "0")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPError(413, "body_too_large", f"body of {length} bytes, the limit is {limit}")
+    body = bytearray()
+    with trio.fail_after(READ_TIMEOUT):
+        while True:
+            ev = await _next_event(conn, stream)
+            if isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > limit:
+                    raise HTTPError(413, "body_too_large", f"body over {limit} bytes")
+            elif isinstance(ev, h11.EndOfMessage):
+                break
+            else:
+                return None
+    return Request(method, target, path, parse_qs(split.query), headers, bytes(body), peer)
+
+
+async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        peer = f"{host}:{port}"
+    except OSError:
+        peer = "?"
+    try:
+        while True:
+            head_only = False
+            try:
+                req = await _read_request(conn, stream, api, peer)
+                if req is None:
+                    return
+                head_only = req.method == "HEAD"
+                resp = await api.handle(req)
+            except PurgedError as exc:
+                resp = error_response(exc)
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                    return
+                resp = error_response(HTTPError(exc.error_status_hint, "bad_request", str(exc)))
+            except trio.TooSlowError:
+                resp = error_response(HTTPError(408, "request_timeout", "request body took too long"))
+            if resp.status >= 400 and resp.status not in (404, 429):
+                log.info("%s %s -> %d %s", peer, resp.status, resp.status, resp.body[:200].decode(errors="replace"))
+            if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                return
+            if conn.their_state is not h11.DONE:  # answered before the body was read: the stream is unusable
+                resp.headers = list(resp.headers or []) + [("Connection", "close")]
+            await _send(conn, stream, resp, head_only)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        return
+    except Exception:
+        log.exception("unexpected error serving %s", peer)
+    finally:
+        await stream.aclose()
+
+
+async def serve_http(
+    api: API, host: str, port: int, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve the API until cancelled; ``task_status.started(listeners)`` once bound."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners)
+        await trio.serve_listeners(lambda s: _serve_connection(s, api), listeners, handler_nursery=nursery)

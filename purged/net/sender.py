@@ -1,0 +1,156 @@
+"""Trio adapter: the per-node PURGE sender, HTTP/1.1 pipelined over a few persistent connections.
+
+One :class:`NodeSender` per edge node, so a slow or dead node only ever blocks its own tasks (guarantee 4).
+Each connection keeps up to ``window`` PURGEs in flight, written in batches; responses come back in order and
+are matched to a FIFO of log seqs. When a connection dies mid-pipeline the unanswered seqs go back to the
+engine (resent on a new connection: a repeated PURGE is harmless); answered ones are never resent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..core.http1 import ProtocolError, ResponseParser, encode_purge
+from ..core.urls import split_target
+
+if TYPE_CHECKING:
+    from ..config import Address, Sender
+    from ..daemon import Service
+
+log = logging.getLogger("purged.sender")
+
+
+class NodeSender:
+    def __init__(self, service: Service, address: Address, cfg: Sender):
+        self.service = service
+        self.engine = service.engine
+        self.name = str(address)
+        self.address = address
+        self.cfg = cfg
+        self.window = cfg.window
+        self.pipelining_fallbacks = 0
+        self.connects = 0
+
+    async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.cfg.connections):
+                nursery.start_soon(self._connection_loop)
+            task_status.started()
+
+    async def _connection_loop(self) -> None:
+        engine, name = self.engine, self.name
+        while True:
+            await self.service.wait_for_work(name)
+            try:
+                with trio.fail_after(self.cfg.connect_timeout):
+                    stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+            except (OSError, trio.TooSlowError) as exc:
+                engine.fail(name, [], "connect", trio.current_time())
+                self.service.changed()
+                log.debug("%s: connect failed: %s", name, exc)
+                await trio.sleep(engine.reconnect_delay(name))
+                continue
+            self.connects += 1
+            fifo: deque[int] = deque()
+            try:
+                async with stream:
+                    kind = await self._pipeline(stream, fifo)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                kind = "reset"
+            now = trio.current_time()
+            if kind is None:
+                engine.requeue(name, list(fifo), now)
+            else:
+                engine.fail(name, list(fifo), kind, now)
+            self.service.changed()
+            if kind is not None:
+                log.info("%s: connection %s with %d unanswered; they will be resent", name, kind, len(fifo))
+                await trio.sleep(engine.reconnect_delay(name))
+
+    async def _pipeline(self, stream: trio.SocketStream, fifo: deque[int]) -> str | None:
+        """Run one connection until it ends. Returns ``None`` for a graceful end (the edge closed after some
+        answers, or while idle) or the failure type (``reset``, ``timeout``, ``protocol``, ``closed``)."""
+        engine, name, service = self.engine, self.name, self.service
+        space = trio.Event()
+        sent_at = 0.0
+        result: list[str | None] = ["reset"]
+
+        def end(kind: str | None) -> None:
+            result[0] = kind
+            nursery.cancel_scope.cancel()
+
+        async def writer() -> None:
+            nonlocal space, sent_at
+            while True:
+                room = self.window - len(fifo)
+                if room <= 0:
+                    await space.wait()
+                    space = trio.Event()
+                    continue
+                now = trio.current_time()
+                items = engine.take(name, room, now)
+                if not items:
+                    await service.wait_for_work(name)
+                    continue
+                if not fifo:
+                    sent_at = now
+                fifo.extend(seq for seq, _ in items)
+                data = b"".join(encode_purge(*split_target(target)) for _, target in items)
+                service.changed()  # take() may have moved a tier position
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return end("reset")
+
+        async def reader() -> None:
+            parser = ResponseParser()
+            answered = 0
+            timeout = self.cfg.timeout
+            last_data = trio.current_time()
+            while True:
+                data = None
+                with trio.move_on_after(min(timeout, 1.0)):
+                    try:
+                        data = await stream.receive_some(65536)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        return end("reset")
+                now = trio.current_time()
+                if data is None:
+                    if fifo and now - max(last_data, sent_at) >= timeout:
+                        return end("timeout")
+                    continue
+                last_data = now
+                try:
+                    responses = parser.feed(data) if data else parser.feed_eof()
+                except ProtocolError as exc:
+                    log.warning("%s: bad response (%s): %s", name, exc.reason, exc.detail)
+                    return end("protocol")
+                closing = not data
+                for resp in responses:
+                    if not fifo:
+                        log.warning("%s: a response without a request", name)
+                        return end("protocol")
+                    engine.ack(name, fifo.popleft(), resp.status, now)
+                    answered += 1
+                    if not resp.keep_alive:
+                        if answered == 1 and fifo and self.window > 1:
+                            # The edge closes after one answer with more queued: it does not pipeline.
+                            self.window = 1
+                            self.pipelining_fallbacks += 1
+                            log.warning("%s: closes after each response; sending one at a time", name)
+                        closing = True
+                        break
+                if responses:
+                    space.set()
+                    service.changed()
+                if closing:
+                    return end(None if answered or not fifo else "closed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(reader)
+        return result[0]
