@@ -376,6 +376,7 @@ class Engine:
 
     def statistics(self, now: float) -> dict:
         """Plain numbers for the metrics collector and /healthz."""
+        self.trim()
         return {
             "log_entries": len(self.log),
             "log_head": self.log.head,
