@@ -44,6 +44,8 @@ class MulticastListen:
     format: str = "htcp"
     sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     rcvbuf: int = 8 * 1024 * 1024
+    rate: float = 0.0  # purges/s accepted from this group; 0: unlimited
+    burst: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,17 @@ class Limits:
     max_url_length: int = 8192
     max_wait: float = 60.0  # longest ?wait= a status request may hold the connection
     recent_batches: int = 100_000  # batch ids whose status stays queryable
+    max_pending: int = 0  # unique pending URLs; past it: HTTP 429, multicast drops. 0: no ceiling
+    max_lag: int = 0  # a node owing more purges is declared out of sync (its backlog dropped). 0: off
+    max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it. 0: off
+    client_rate: float = 0.0  # purges/s accepted per HTTP client address; 0: unlimited
+    client_burst: float = 0.0
+
+
+@dataclass(frozen=True)
+class Dedup:
+    window: float = 0.0  # a URL is sent to a node at most once per window (trailing edge); 0: off
+    linger: float = 0.0  # new purges wait this long before their first send, so duplicates merge; 0: off
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,8 @@ class Tier:
     name: str
     nodes: tuple[Address, ...]
     delay: float = 0.0
+    rate: float | None = None  # purges/s per node of this tier; None: the data centre's
+    burst: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,14 @@ class Datacenter:
     name: str
     tiers: tuple[Tier, ...]
     hosts: tuple[str, ...] = ()  # glob patterns; empty means every host
+    rate: float = 0.0  # purges/s per node of this data centre; 0: unlimited
+    burst: float = 0.0  # tokens saved up; 0: one second's worth
+
+    def node_rate(self, tier: Tier) -> tuple[float, float]:
+        """(rate, burst) for each node of ``tier``: the tier's values, else the data centre's."""
+        rate = self.rate if tier.rate is None else tier.rate
+        burst = self.burst if tier.burst is None else tier.burst
+        return rate, burst or rate
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     sender: Sender = field(default_factory=Sender)
+    dedup: Dedup = field(default_factory=Dedup)
     shutdown_timeout: float = 30.0
 
 
@@ -186,7 +210,7 @@ def _pos(**kw: Any) -> Callable[[Any, str, _Errors], Any]:
 
 
 def _parse_multicast(value: Any, path: str, errs: _Errors) -> MulticastListen | None:
-    allowed = {"group", "port", "interface", "format", "sources", "rcvbuf"}
+    allowed = {"group", "port", "interface", "format", "sources", "rcvbuf", "rate", "burst"}
     m = _mapping(value, path, errs, allowed)
     if m is None:
         return None
@@ -194,7 +218,12 @@ def _parse_multicast(value: Any, path: str, errs: _Errors) -> MulticastListen | 
     for key in ("group", "port"):
         if key not in m:
             errs.add(_join(path, key), "required")
-    kw = _fields(m, path, errs, {"port": _pos(minimum=1, integer=True), "rcvbuf": _pos(minimum=4096, integer=True)})
+    kw = _fields(
+        m,
+        path,
+        errs,
+        {"port": _pos(minimum=1, integer=True), "rcvbuf": _pos(minimum=4096, integer=True), "rate": _pos(), "burst": _pos()},
+    )
     if kw.get("port", 1) > 65535:
         errs.add(_join(path, "port"), "must be <= 65535")
     for key in ("group", "interface"):
@@ -246,9 +275,20 @@ def _parse_limits(value: Any, path: str, errs: _Errors) -> Limits | None:
         "max_url_length": _pos(minimum=16, integer=True),
         "max_wait": _pos(),
         "recent_batches": _pos(minimum=1, integer=True),
+        "max_pending": _pos(integer=True),
+        "max_lag": _pos(integer=True),
+        "max_age": _pos(),
+        "client_rate": _pos(),
+        "client_burst": _pos(),
     }
     m = _mapping(value, path, errs, set(spec))
     return None if m is None else Limits(**_fields(m, path, errs, spec))
+
+
+def _parse_dedup(value: Any, path: str, errs: _Errors) -> Dedup | None:
+    spec = {"window": _pos(), "linger": _pos()}
+    m = _mapping(value, path, errs, set(spec))
+    return None if m is None else Dedup(**_fields(m, path, errs, spec))
 
 
 def _parse_sender(value: Any, path: str, errs: _Errors) -> Sender | None:
@@ -266,9 +306,10 @@ def _parse_sender(value: Any, path: str, errs: _Errors) -> Sender | None:
 
 
 def _parse_tier(value: Any, path: str, errs: _Errors, index: int) -> Tier | None:
-    m = _mapping(value, path, errs, {"name", "nodes", "delay"})
+    m = _mapping(value, path, errs, {"name", "nodes", "delay", "rate", "burst"})
     if m is None:
         return None
+    rates = _fields(m, path, errs, {"rate": _pos(), "burst": _pos()})
     name = _string(m["name"], _join(path, "name"), errs) if "name" in m else f"tier{index}"
     delay = _number(m["delay"], _join(path, "delay"), errs) if "delay" in m else 0.0
     nodes: list[Address] = []
@@ -281,13 +322,14 @@ def _parse_tier(value: Any, path: str, errs: _Errors, index: int) -> Tier | None
         nodes = [a for i, v in enumerate(items) if (a := _address(v, f"{path}.nodes[{i}]", errs))]
     if name is None or delay is None:
         return None
-    return Tier(name=name, nodes=tuple(nodes), delay=float(delay))
+    return Tier(name=name, nodes=tuple(nodes), delay=float(delay), **rates)
 
 
 def _parse_datacenter(name: str, value: Any, path: str, errs: _Errors) -> Datacenter | None:
-    m = _mapping(value, path, errs, {"hosts", "tiers"})
+    m = _mapping(value, path, errs, {"hosts", "tiers", "rate", "burst"})
     if m is None:
         return None
+    rates = _fields(m, path, errs, {"rate": _pos(), "burst": _pos()})
     hosts: list[str] = []
     if "hosts" in m:
         for i, h in enumerate(_list(m["hosts"], _join(path, "hosts"), errs) or []):
@@ -307,10 +349,10 @@ def _parse_datacenter(name: str, value: Any, path: str, errs: _Errors) -> Datace
         names = [t.name for t in tiers]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             errs.add(_join(path, "tiers"), f"tier name {dup!r} is used twice")
-    return Datacenter(name=name, tiers=tuple(tiers), hosts=tuple(hosts))
+    return Datacenter(name=name, tiers=tuple(tiers), hosts=tuple(hosts), **rates)
 
 
-_TOP_KEYS = {"listen", "datacenters", "limits", "sender", "shutdown_timeout"}
+_TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout"}
 
 
 def parse_config(data: Any) -> Config:
@@ -351,6 +393,7 @@ def parse_config(data: Any) -> Config:
                 "listen": _parse_listen,
                 "limits": _parse_limits,
                 "sender": _parse_sender,
+                "dedup": _parse_dedup,
                 "shutdown_timeout": _pos(),
             },
         )

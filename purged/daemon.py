@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config
-from .core.engine import Engine, Receipt
+from .core.engine import Engine, Policy, Receipt
 from .core.topology import DatacenterSpec, TierSpec, Topology
 from .metrics import EngineCollector
 from .net import systemd
@@ -52,6 +52,25 @@ def build_topology(config: Config) -> Topology:
     )
 
 
+def build_policy(config: Config) -> Policy:
+    s, lim = config.sender, config.limits
+    return Policy(
+        retry_initial=s.retry_initial,
+        retry_max=s.retry_max,
+        down_after=s.down_after,
+        dedup_window=config.dedup.window,
+        linger=config.dedup.linger,
+        max_pending=lim.max_pending,
+        max_lag=lim.max_lag,
+        max_age=lim.max_age,
+        recent_batches=lim.recent_batches,
+    )
+
+
+def node_rates(config: Config) -> dict[str, tuple[float, float]]:
+    return {str(a): dc.node_rate(t) for dc in config.datacenters for t in dc.tiers for a in t.nodes}
+
+
 @dataclass
 class Service:
     config: Config
@@ -62,10 +81,8 @@ class Service:
         self.engine = Engine(
             build_topology(cfg),
             now=trio.current_time(),
-            retry_initial=cfg.sender.retry_initial,
-            retry_max=cfg.sender.retry_max,
-            down_after=cfg.sender.down_after,
-            recent_batches=cfg.limits.recent_batches,
+            policy=build_policy(cfg),
+            rates=node_rates(cfg),
             batch_prefix=secrets.token_hex(4) + "-",  # ids stay unique across restarts
         )
         self.work = Signal()  # new purges, a tier gate opened, a retry fell due
@@ -77,7 +94,7 @@ class Service:
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time))
 
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
-        receipt = self.engine.submit(targets, trio.current_time(), source)
+        receipt = self.engine.submit(targets, trio.current_time(), source, priority)
         self.work.fire()
         return receipt
 

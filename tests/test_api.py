@@ -24,7 +24,7 @@ async def test_post_json_batch_accepts_good_and_rejects_bad_by_index(api):
     body = r.json()
     assert body["accepted"] == 1 and body["id"]
     assert [(x["index"], x["reason"]) for x in body["rejected"]] == [(1, "bad_scheme"), (2, "control_char")]
-    assert service.engine.log.get(0).target == "en.wikipedia.org/wiki/Foo"
+    assert service.engine.lanes[1].log.get(0).target == "en.wikipedia.org/wiki/Foo"
 
 
 async def test_post_msgpack_and_text_bodies(api):
@@ -119,7 +119,7 @@ async def test_purge_method_with_host_header(api):
     service, client = api
     r = await client.request("PURGE", "/wiki/Foo?x=1", headers={"Host": "en.wikipedia.org"})
     assert r.status_code == 202 and r.json()["accepted"] == 1
-    assert service.engine.log.get(0).target == "en.wikipedia.org/wiki/Foo?x=1"
+    assert service.engine.lanes[0].log.get(0).target == "en.wikipedia.org/wiki/Foo?x=1"  # high priority
     r = await client.request("PURGE", "/x", headers={"Host": "bad host"})
     assert r.status_code == 400 and r.json()["error"] == "control_char"
 

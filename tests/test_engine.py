@@ -2,18 +2,22 @@
 
 import random
 
-from purged.core.engine import Engine, classify
+from purged.core.engine import BULK, Engine, Policy, classify
 from purged.core.topology import DatacenterSpec, TierSpec, Topology
 
 
-def make_engine(now=0.0, delay=1.0, hosts_b=("*.example.org",), **kw):
+def make_engine(now=0.0, delay=1.0, hosts_b=("*.example.org",), rates=None, **kw):
     topo = Topology(
         [
             DatacenterSpec("a", (), (TierSpec("backend", 0.0, ("b1", "b2")), TierSpec("frontend", delay, ("f1",)))),
             DatacenterSpec("b", hosts_b, (TierSpec("backend", 0.0, ("b3",)),)),
         ]
     )
-    return Engine(topo, now=now, rng=random.Random(1), **kw)
+    return Engine(topo, now=now, policy=Policy(**kw), rates=rates, rng=random.Random(1))
+
+
+def bulk(seq):
+    return seq << 1 | BULK
 
 
 def drain(engine, node, now, status=200):
@@ -59,10 +63,10 @@ def test_superseded_entry_is_done_only_when_its_successor_is_acked():
     drain(e, "b1", 0.1)
     e.submit(["h.org/a"], now=0.2)
     sent = e.take("b2", 1, 0.3)  # reads entry 0 (superseded, pinned) then takes entry 1
-    assert [t for _, t in sent] == ["h.org/a"] and sent[0][0] == 1
+    assert [t for _, t in sent] == ["h.org/a"] and sent[0][0] == bulk(1)
     st = e.batch_status(first.batch_id)
     assert st["datacenters"]["a"]["backend"]["done"] == 1  # b1 only: b2 has not acked the successor
-    e.ack("b2", 1, 200, 0.4)
+    e.ack("b2", bulk(1), 200, 0.4)
     assert e.batch_status(first.batch_id)["datacenters"]["a"]["backend"]["done"] == 2
 
 
@@ -101,7 +105,7 @@ def test_retry_on_5xx_and_give_up_on_4xx():
     (s1, _), (s2, _) = e.take("b1", 10, 0.0)
     assert e.ack("b1", s1, 503, 0.0) == "retry"
     assert e.ack("b1", s2, 403, 0.0) == "error"
-    assert e.node_stats["b1"].gave_up == 1
+    assert e.nodes["b1"].stats.gave_up == 1
     assert e.take("b1", 10, 0.1) == []
     t = e.get_timer()
     assert [x for _, x in e.take("b1", 10, t)] == ["h.org/a"]
@@ -133,13 +137,13 @@ def test_batch_status_and_trim():
         drain(e, node, 0.0)
     assert e.batch_status(r.batch_id)["done"] is True
     assert e.batch_status("nope") is None
-    assert e.trim() == 2 and len(e.log) == 0 and e.log.index == {}
+    assert e.trim() == 2 and len(e.lanes[BULK].log) == 0 and e.lanes[BULK].log.index == {}
 
 
 def test_stale_ack_is_ignored():
     e = make_engine()
     e.submit(["h.org/a"], now=0.0)
-    assert e.ack("b1", 0, 200, 0.0) == "stale"
+    assert e.ack("b1", bulk(0), 200, 0.0) == "stale"
     assert e.ack("nope", 0, 200, 0.0) == "stale"
 
 

@@ -1,31 +1,26 @@
-"""Core layer: one node's position in the purge log.
+"""Core layer: one node's position in one purge log.
 
-``cursor`` is the next seq to read. ``position`` (the acked watermark) is the lowest seq the node is not done
-with: an entry sent but not yet acknowledged, waiting for a retry, or skipped because a later entry for the same
-target supersedes it (then it is done when that later entry is). Everything below ``position`` has been
-delivered to this node or was never meant for it. Batch status, tier gates and log trimming are comparisons
-against it.
+``cursor`` is the next seq to read. ``position`` is the lowest seq the node is not done with: an entry taken but
+not yet acknowledged (in flight, deferred or waiting for a retry), or skipped because a later entry for the same
+target supersedes it (then it is done when that later entry is). Everything below ``position`` has been delivered
+to the node, dropped for it by a counted policy, or was never meant for it. Batch status, tier gates and log
+trimming are comparisons against it.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 
 
 class NodeCursor:
-    def __init__(self, name: str, dc_bit: int, start: int):
-        self.name = name
-        self.dc_bit = dc_bit
+    __slots__ = ("cursor", "matched", "_order", "_done", "_waiters")
+
+    def __init__(self, start: int, matched: int = 0):
         self.cursor = start
+        self.matched = matched  # entries read that were meant for this node
         self._order: deque[int] = deque()  # seqs taken or pinned, in read order
         self._done: set[int] = set()  # finished seqs still inside _order
         self._waiters: dict[int, list[int]] = {}  # superseding seq -> seqs pinned on it
-        self.inflight: set[int] = set()
-        self.retries: list[tuple[float, int]] = []  # heap of (due, seq)
-        self.failures = 0  # consecutive
-        self.down = False
-        self.matched = 0  # entries read that were meant for this node (sent or superseded)
 
     @property
     def position(self) -> int:
@@ -37,14 +32,13 @@ class NodeCursor:
 
     def take(self, seq: int) -> None:
         self._order.append(seq)
-        self.inflight.add(seq)
 
     def pin(self, seq: int, superseded_by: int) -> None:
         self._order.append(seq)
         self._waiters.setdefault(superseded_by, []).append(seq)
 
     def finish(self, seq: int) -> None:
-        """``seq`` is delivered (or given up on): it and everything pinned on it are done."""
+        """``seq`` is delivered (or dropped by policy): it and everything pinned on it are done."""
         stack = [seq]
         while stack:
             s = stack.pop()
@@ -54,15 +48,11 @@ class NodeCursor:
         while order and order[0] in done:
             done.discard(order.popleft())
 
-    def schedule_retry(self, seq: int, due: float) -> None:
-        self.inflight.discard(seq)
-        heapq.heappush(self.retries, (due, seq))
-
-    def due_retries(self, now: float, limit: int) -> list[int]:
-        out: list[int] = []
-        while self.retries and self.retries[0][0] <= now and len(out) < limit:
-            out.append(heapq.heappop(self.retries)[1])
-        return out
-
-    def next_retry(self) -> float | None:
-        return self.retries[0][0] if self.retries else None
+    def skip_to(self, seq: int) -> int:
+        """Give up on everything before ``seq`` (a node declared out of sync); return how many were unfinished."""
+        dropped = self.unfinished
+        self._order.clear()
+        self._done.clear()
+        self._waiters.clear()
+        self.cursor = max(self.cursor, seq)
+        return dropped

@@ -1,22 +1,28 @@
-"""Core layer: the engine, a sans-IO state machine tying the purge log, node cursors and tier gates together.
+"""Core layer: the engine, a sans-IO state machine over the lanes (purge logs), nodes and their policies.
 
 The I/O layer feeds it and performs what it answers (like h11 / aioquic): ``submit(targets, now)`` at ingest;
-``take(node, n, now)`` for the next purges to send to a node; ``ack``/``fail`` with what the node answered;
-``get_timer()``/``handle_timer(now)`` for retries and tier delays; ``statistics()`` for metrics. No clock, no
-sockets, no logging here.
+``take(node, n, now)`` for the next purges to send to a node; ``ack``/``fail``/``requeue`` with what happened;
+``get_timer()``/``handle_timer(now)`` for retries, deferrals, rate limits and tier delays; ``statistics()`` for
+metrics. No clock, no sockets, no logging here.
+
+A purge handed to a sender is named by an id ``seq << 1 | lane``: one integer, whichever lane it is in.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .cursor import NodeCursor
-from .log import PurgeLog
+from .errors import Overloaded
+from .lane import Lane
+from .limits import DedupWindow, TokenBucket
 from .topology import Topology
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
+LANES = ("high", "bulk")  # drained in this order
+HIGH, BULK = 0, 1
 
 
 def classify(status: int) -> str:
@@ -30,6 +36,21 @@ def classify(status: int) -> str:
     return "error"
 
 
+@dataclass(frozen=True)
+class Policy:
+    """Engine-wide knobs (from the config); 0 disables a limit."""
+
+    retry_initial: float = 0.1
+    retry_max: float = 30.0
+    down_after: int = 5
+    dedup_window: float = 0.0
+    linger: float = 0.0
+    max_pending: int = 0  # unique pending URLs; past it submit() raises Overloaded
+    max_lag: int = 0  # a node owing more purges than this is declared out of sync
+    max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it
+    recent_batches: int = 100_000
+
+
 @dataclass
 class Receipt:
     batch_id: str
@@ -39,28 +60,40 @@ class Receipt:
 
 @dataclass
 class _Batch:
+    lane: int
     hi: int  # one past the highest seq holding one of its purges
     accepted: int
     created: float
 
 
 @dataclass
-class _Tier:
-    name: str
-    delay: float  # of this tier, after the previous one acked
-    nodes: list[NodeCursor]
-    position: int = 0  # min position of its nodes
-    marks: deque = field(default_factory=deque)  # (position, time) for the next tier's delay
-    gate: int = 0  # the next tier may read below this
-
-
-@dataclass
-class _NodeStats:
+class NodeStats:
     sent: int = 0
     responses: dict[int, int] = field(default_factory=dict)
     retries: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # connection errors by type
+    errors: dict[str, int] = field(default_factory=dict)  # connection failures by type
     gave_up: int = 0  # answered with an error status: counted, not retried
+    deferred: int = 0  # held back by the dedup window
+    rate_limited: int = 0  # times the node had work but no tokens
+    dropped: dict[str, int] = field(default_factory=dict)  # by policy: max_age, max_lag
+    resyncs: int = 0
+
+
+class Node:
+    """Node-wide state that spans lanes: what is in flight, retries, health, rate, dedup window, counters."""
+
+    def __init__(self, name: str, dc_index: int, tier_index: int, bucket: TokenBucket, window: float):
+        self.name = name
+        self.dc_index, self.tier_index = dc_index, tier_index
+        self.dc_bit = 1 << dc_index
+        self.inflight: set[int] = set()
+        self.retries: list[tuple[float, int]] = []  # heap of (due, id): retries and dedup deferrals
+        self.failures = 0  # consecutive
+        self.down = False
+        self.out_of_sync = False
+        self.bucket = bucket
+        self.dedup = DedupWindow(window) if window > 0 else None
+        self.stats = NodeStats()
 
 
 @dataclass
@@ -77,39 +110,31 @@ class Engine:
         topology: Topology,
         *,
         now: float,
-        retry_initial: float = 0.1,
-        retry_max: float = 30.0,
-        down_after: int = 5,
-        recent_batches: int = 100_000,
+        policy: Policy | None = None,
+        rates: dict[str, tuple[float, float]] | None = None,
         batch_prefix: str = "",
         rng: random.Random | None = None,
     ):
         self.topology = topology
-        self.log = PurgeLog()
-        self.retry_initial, self.retry_max, self.down_after = retry_initial, retry_max, down_after
+        self.policy = policy = policy or Policy()
         self._rng = rng or random.Random()
-        self.nodes: dict[str, NodeCursor] = {}
-        self._node_tier: dict[str, tuple[int, int]] = {}
-        self.tiers: list[list[_Tier]] = []
+        self.lanes = [Lane(name, topology, policy.linger) for name in LANES]
+        rates = rates or {}
+        self.nodes: dict[str, Node] = {}
         for di, dc in enumerate(topology.datacenters):
-            tiers = []
-            for ti, spec in enumerate(dc.tiers):
-                cursors = [NodeCursor(n, 1 << di, 0) for n in spec.nodes]
-                for c in cursors:
-                    self.nodes[c.name] = c
-                    self._node_tier[c.name] = (di, ti)
-                tiers.append(_Tier(spec.name, spec.delay, cursors))
-            self.tiers.append(tiers)
-        self._dc_appended = [0] * len(topology.datacenters)
+            for ti, tier in enumerate(dc.tiers):
+                for name in tier.nodes:
+                    rate, burst = rates.get(name, (0.0, 0.0))
+                    self.nodes[name] = Node(name, di, ti, TokenBucket(rate, burst or rate, now), policy.dedup_window)
+        self._throttled: dict[str, float] = {}  # node -> when its bucket has a token again
         self._batches: OrderedDict[str, _Batch] = OrderedDict()
-        self._recent_batches = recent_batches
         self._batch_prefix = batch_prefix
         self._batch_counter = 0
         self.sources: dict[str, _SourceStats] = {}
-        self.node_stats = {name: _NodeStats() for name in self.nodes}
         self.latency: dict[tuple[str, str], list] = {}  # (dc, tier) -> [bucket counts, sum]
         self._acks_since_trim = 0
-        self.gates_changed = False  # set when a tier gate opened; the I/O layer clears it after waking senders
+        self._next_maintenance = now + 1.0 if policy.max_lag else None
+        self.gates_changed = False  # a gate opened or a deferral fell due: the I/O layer wakes senders
         self.started = now
 
     # -- ingest -----------------------------------------------------------------------------------------------
@@ -121,28 +146,38 @@ class Engine:
         return stats
 
     def reject(self, source: str, reason: str, count: int = 1) -> None:
-        """Count purges refused before they reached the engine (bad URL, bad datagram...)."""
+        """Count purges refused before they reached the log (bad URL, bad datagram, overload...)."""
         stats = self._source(source)
         stats.received += count
         stats.rejected[reason] = stats.rejected.get(reason, 0) + count
 
-    def submit(self, targets: list[str], now: float, source: str = "http") -> Receipt:
-        """Accept validated purge targets (``host + path``) as one batch."""
-        log, dc_mask, appended = self.log, self.topology.dc_mask, self._dc_appended
+    def unique_pending(self) -> int:
+        return sum(len(lane.log.index) for lane in self.lanes)
+
+    def check_capacity(self, count: int) -> None:
+        """Raise :class:`Overloaded` if ``count`` more purges would pass ``max_pending``."""
+        limit = self.policy.max_pending
+        if limit and self.unique_pending() + count > limit:
+            self.trim()
+            if self.unique_pending() + count > limit:
+                raise Overloaded(f"{self.unique_pending()} unique URLs pending, the ceiling is {limit}")
+
+    def submit(self, targets: list[str], now: float, source: str = "http", priority: str = "bulk") -> Receipt:
+        """Accept validated purge targets (``host + path``) as one batch; raises :class:`Overloaded` (nothing
+        accepted) when the batch would pass ``max_pending``."""
+        try:
+            self.check_capacity(len(targets))
+        except Overloaded:
+            self.reject(source, "overload", len(targets))
+            raise
+        li = HIGH if priority == "high" else BULK
+        lane = self.lanes[li]
+        dc_mask = self.topology.dc_mask
         hi = -1
         coalesced = 0
         for target in targets:
-            host = target[: target.find("/")]
-            mask = dc_mask(host)
-            seq, merged = log.append(target, now, mask)
-            if merged:
-                coalesced += 1
-            else:
-                di = 0
-                while mask >> di:
-                    if mask >> di & 1:
-                        appended[di] += 1
-                    di += 1
+            seq, merged = lane.append(target, now, dc_mask(target[: target.find("/")]))
+            coalesced += merged
             if seq > hi:
                 hi = seq
         stats = self._source(source)
@@ -151,179 +186,233 @@ class Engine:
         stats.coalesced += coalesced
         self._batch_counter += 1
         batch_id = f"{self._batch_prefix}{self._batch_counter}"
-        self._batches[batch_id] = _Batch(hi + 1, len(targets), now)
-        while len(self._batches) > self._recent_batches:
+        self._batches[batch_id] = _Batch(li, hi + 1, len(targets), now)
+        while len(self._batches) > self.policy.recent_batches:
             self._batches.popitem(last=False)
         return Receipt(batch_id, len(targets), coalesced)
 
     # -- sending ----------------------------------------------------------------------------------------------
 
-    def _read_limit(self, name: str) -> int:
-        di, ti = self._node_tier[name]
-        return self.log.head if ti == 0 else self.tiers[di][ti - 1].gate
-
     def has_work(self, name: str, now: float) -> bool:
         node = self.nodes[name]
-        if node.retries and node.retries[0][0] <= now:
-            return True
-        return not node.down and node.cursor < self._read_limit(name)
+        work = bool(node.retries and node.retries[0][0] <= now)
+        if not work and not node.down:
+            work = any(lane.cursors[name].cursor < lane.read_limit(name, now) for lane in self.lanes)
+        if work and node.bucket.available(now) < 1:
+            self._throttle(node)
+            return False
+        return work
+
+    def _throttle(self, node: Node) -> None:
+        if node.name not in self._throttled:
+            node.stats.rate_limited += 1
+            self._throttled[node.name] = node.bucket.when_available(1)
 
     def take(self, name: str, limit: int, now: float) -> list[tuple[int, str]]:
-        """The next purges (seq, target) for node ``name``: due retries first, then new log entries.
-
-        A node marked down gets one due retry at a time (a probe) and nothing new until it answers.
-        """
+        """The next purges ``(id, target)`` for node ``name``: due retries and deferrals first, then new
+        entries, high lane before bulk. A node marked down gets one due retry at a time (a probe)."""
         node = self.nodes[name]
+        limit = min(limit, node.bucket.available(now))
+        if limit <= 0:
+            self._throttle(node)
+            return []
         out: list[tuple[int, str]] = []
-        if node.retries:
-            log = self.log
-            for seq in node.due_retries(now, 1 if node.down else limit):
-                node.inflight.add(seq)
-                out.append((seq, log.get(seq).target))
-            self.node_stats[name].retries += len(out)
-        if node.down:
-            return out
-        log = self.log
-        limit_seq = self._read_limit(name)
-        cursor, bit, index = node.cursor, node.dc_bit, log.index
-        start = cursor
-        while cursor < limit_seq and len(out) < limit:
+        dedup = node.dedup
+        if node.retries and node.retries[0][0] <= now:
+            retried = 0
+            while node.retries and node.retries[0][0] <= now and len(out) < (1 if node.down else limit):
+                ident = heapq.heappop(node.retries)[1]
+                target = self.lanes[ident & 1].log.get(ident >> 1).target
+                if dedup is not None:
+                    until = dedup.blocked_until(target, now)
+                    if until is not None:  # sent again since this was deferred
+                        heapq.heappush(node.retries, (until, ident))
+                        continue
+                    dedup.sent(target, now)
+                node.inflight.add(ident)
+                out.append((ident, target))
+                retried += 1
+            node.stats.retries += retried
+        if not node.down:
+            for li, lane in enumerate(self.lanes):
+                if len(out) >= limit:
+                    break
+                self._read(node, li, lane, limit, now, out)
+        node.bucket.consume(len(out), now)
+        node.stats.sent += len(out)
+        return out
+
+    def _read(self, node: Node, li: int, lane: Lane, limit: int, now: float, out: list) -> None:
+        name, bit, dedup, stats = node.name, node.dc_bit, node.dedup, node.stats
+        cur = lane.cursors[name]
+        log = lane.log
+        index = log.index
+        max_age = self.policy.max_age
+        stop = lane.read_limit(name, now)
+        cursor = start = cur.cursor
+        inflight = node.inflight
+        while cursor < stop and len(out) < limit:
             seq = cursor
             cursor += 1
             entry = log.get(seq)
             if not entry.dc_mask & bit:
                 continue
-            node.matched += 1
+            cur.matched += 1
             latest = index[entry.target]
             if latest != seq:
-                node.pin(seq, latest)  # a later entry for the same target will purge it
+                cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
-            node.take(seq)
-            out.append((seq, entry.target))
-        node.cursor = cursor
+            cur.take(seq)
+            if max_age and entry.accepted_at + max_age < now:
+                cur.finish(seq)
+                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
+                continue
+            ident = seq << 1 | li
+            if dedup is not None:
+                until = dedup.blocked_until(entry.target, now)
+                if until is not None:
+                    heapq.heappush(node.retries, (until, ident))  # trailing edge: sent once, at window end
+                    stats.deferred += 1
+                    continue
+                dedup.sent(entry.target, now)
+            inflight.add(ident)
+            out.append((ident, entry.target))
+        cur.cursor = cursor
         if cursor > start:
             log.mark_read(cursor - 1)
-            self._moved(name, now)
-        self.node_stats[name].sent += len(out)
-        return out
+            lane.moved(name, now)
+            self._sync_gates()
 
-    def ack(self, name: str, seq: int, status: int, now: float) -> str:
-        """Node ``name`` answered ``status`` to the PURGE for ``seq``; returns its :func:`classify` verdict."""
+    def ack(self, name: str, ident: int, status: int, now: float) -> str:
+        """Node ``name`` answered ``status`` to the PURGE ``ident``; returns its :func:`classify` verdict."""
         node = self.nodes.get(name)
-        if node is None or seq not in node.inflight:
+        if node is None or ident not in node.inflight:
             return "stale"
-        stats = self.node_stats[name]
+        stats = node.stats
         stats.responses[status] = stats.responses.get(status, 0) + 1
         verdict = classify(status)
         if verdict == "retry":
-            self._failed(node, seq, now)
+            self._failed(node, now)
+            self._schedule_retry(node, ident, now)
             return verdict
-        node.inflight.discard(seq)
+        node.inflight.discard(ident)
+        lane = self.lanes[ident & 1]
+        seq = ident >> 1
         if verdict == "ok":
             node.failures = 0
             node.down = False
-            self._observe_latency(name, now - self.log.get(seq).accepted_at)
+            self._observe_latency(node, now - lane.log.get(seq).accepted_at)
         else:
             stats.gave_up += 1
-        node.finish(seq)
-        self._moved(name, now)
+        lane.cursors[name].finish(seq)
+        lane.moved(name, now)
+        self._sync_gates()
         self._acks_since_trim += 1
         if self._acks_since_trim >= 1024:
             self.trim()
         return verdict
 
-    def fail(self, name: str, seqs: list[int], kind: str, now: float) -> None:
-        """The connection failed (``kind``: connect, reset, timeout, protocol, closed) with ``seqs`` unanswered."""
+    def fail(self, name: str, idents: list[int], kind: str, now: float) -> None:
+        """A connection failed (``kind``: connect, reset, timeout, protocol, closed) with ``idents`` unanswered."""
         node = self.nodes.get(name)
         if node is None:
             return
-        errors = self.node_stats[name].errors
-        errors[kind] = errors.get(kind, 0) + 1
-        node.failures += 1
-        for seq in seqs:
-            if seq in node.inflight:
-                self._schedule_retry(node, seq, now)
-        if node.failures >= self.down_after:
-            node.down = True
+        node.stats.errors[kind] = node.stats.errors.get(kind, 0) + 1
+        self._failed(node, now)
+        for ident in idents:
+            if ident in node.inflight:
+                self._schedule_retry(node, ident, now)
 
-    def _failed(self, node: NodeCursor, seq: int, now: float) -> None:
-        node.failures += 1
-        if node.failures >= self.down_after:
-            node.down = True
-        self._schedule_retry(node, seq, now)
-
-    def requeue(self, name: str, seqs: list[int], now: float) -> None:
-        """The connection closed gracefully with ``seqs`` unanswered: resend them, with no failure counted."""
+    def requeue(self, name: str, idents: list[int], now: float) -> None:
+        """The connection closed gracefully with ``idents`` unanswered: resend them, no failure counted."""
         node = self.nodes.get(name)
         if node is not None:
-            for seq in seqs:
-                if seq in node.inflight:
-                    node.schedule_retry(seq, now)
+            for ident in idents:
+                if ident in node.inflight:
+                    node.inflight.discard(ident)
+                    heapq.heappush(node.retries, (now, ident))
+
+    def _failed(self, node: Node, now: float) -> None:
+        node.failures += 1
+        if node.failures >= self.policy.down_after:
+            node.down = True
 
     def _backoff(self, failures: int) -> float:
-        """Capped exponential backoff with jitter in [1/2, 1] of the step, so retries of many nodes spread out."""
-        step = min(self.retry_max, self.retry_initial * 2 ** min(max(failures - 1, 0), 30))
+        """Capped exponential backoff, jittered to [1/2, 1] of the step so that many nodes' retries spread."""
+        p = self.policy
+        step = min(p.retry_max, p.retry_initial * 2 ** min(max(failures - 1, 0), 30))
         return step * (0.5 + self._rng.random() / 2)
 
     def reconnect_delay(self, name: str) -> float:
         node = self.nodes.get(name)
         return self._backoff(node.failures) if node is not None and node.failures else 0.0
 
-    def _schedule_retry(self, node: NodeCursor, seq: int, now: float) -> None:
-        node.schedule_retry(seq, now + self._backoff(node.failures))
+    def _schedule_retry(self, node: Node, ident: int, now: float) -> None:
+        node.inflight.discard(ident)
+        heapq.heappush(node.retries, (now + self._backoff(node.failures), ident))
 
-    # -- tier order -------------------------------------------------------------------------------------------
+    # -- timers -----------------------------------------------------------------------------------------------
 
-    def _moved(self, name: str, now: float) -> None:
-        """A node's position may have advanced: advance its tier's, and open the next tier's gate."""
-        di, ti = self._node_tier[name]
-        tiers = self.tiers[di]
-        if ti + 1 >= len(tiers):
-            return
-        tier = tiers[ti]
-        position = min(n.position for n in tier.nodes)
-        if position <= tier.position:
-            return
-        tier.position = position
-        if tiers[ti + 1].delay <= 0:
-            tier.gate = position
-            self.gates_changed = True
-        else:
-            tier.marks.append((position, now))
+    def _sync_gates(self) -> None:
+        for lane in self.lanes:
+            if lane.gates_changed:
+                lane.gates_changed = False
+                self.gates_changed = True
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` next has something to do (a retry falls due, a tier delay ends)."""
-        when: float | None = None
-        for tiers in self.tiers:
-            for ti, tier in enumerate(tiers[:-1]):
-                if tier.marks:
-                    t = tier.marks[0][1] + tiers[ti + 1].delay
-                    when = t if when is None or t < when else when
-        for node in self.nodes.values():
-            t = node.next_retry()
-            if t is not None and (when is None or t < when):
-                when = t
-        return when
+        """When :meth:`handle_timer` next has something to do."""
+        times = [t for lane in self.lanes if (t := lane.get_timer()) is not None]
+        times.extend(node.retries[0][0] for node in self.nodes.values() if node.retries)
+        times.extend(self._throttled.values())
+        if self._next_maintenance is not None:
+            times.append(self._next_maintenance)
+        return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
-        for tiers in self.tiers:
-            for ti, tier in enumerate(tiers[:-1]):
-                delay = tiers[ti + 1].delay
-                while tier.marks and tier.marks[0][1] + delay <= now:
-                    tier.gate = tier.marks.popleft()[0]
-                    self.gates_changed = True
+        for lane in self.lanes:
+            lane.handle_timer(now)
+        self._sync_gates()
+        for name, when in list(self._throttled.items()):
+            if when <= now:
+                del self._throttled[name]
+                self.gates_changed = True
+        if any(node.retries and node.retries[0][0] <= now for node in self.nodes.values()):
+            self.gates_changed = True
+        if self._next_maintenance is not None and now >= self._next_maintenance:
+            self._next_maintenance = now + 1.0
+            self.enforce_max_lag(now)
+
+    def enforce_max_lag(self, now: float) -> list[str]:
+        """Declare out of sync every node owing more than ``max_lag`` purges: its backlog is dropped (counted)
+        so that it stops pinning the log in memory. Returns the nodes affected."""
+        limit = self.policy.max_lag
+        affected = []
+        for name, node in self.nodes.items():
+            if limit and self.backlog(name) > limit:
+                dropped = 0
+                for lane in self.lanes:
+                    dropped += lane.skip_node(name)
+                    lane.moved(name, now)
+                node.inflight.clear()  # answers still on the wire will be ignored as stale
+                node.retries.clear()
+                node.out_of_sync = True
+                node.stats.resyncs += 1
+                node.stats.dropped["max_lag"] = node.stats.dropped.get("max_lag", 0) + dropped
+                affected.append(name)
+            elif node.out_of_sync and self.backlog(name) == 0:
+                node.out_of_sync = False
+        self._sync_gates()
+        return affected
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
     def trim(self) -> int:
         self._acks_since_trim = 0
-        if not self.nodes:
-            return self.log.trim(self.log.head)
-        return self.log.trim(min(n.position for n in self.nodes.values()))
+        return sum(lane.trim() for lane in self.lanes)
 
-    def _observe_latency(self, name: str, seconds: float) -> None:
-        di, ti = self._node_tier[name]
-        key = (self.topology.datacenters[di].name, self.tiers[di][ti].name)
+    def _observe_latency(self, node: Node, seconds: float) -> None:
+        dc = self.topology.datacenters[node.dc_index]
+        key = (dc.name, dc.tiers[node.tier_index].name)
         hist = self.latency.get(key)
         if hist is None:
             hist = self.latency[key] = [[0] * len(LATENCY_BUCKETS), 0.0]
@@ -334,40 +423,48 @@ class Engine:
         hist[1] += seconds
 
     def backlog(self, name: str) -> int:
-        """Purges meant for this node that it has not acknowledged yet."""
-        node = self.nodes[name]
-        di, _ = self._node_tier[name]
-        return self._dc_appended[di] - node.matched + node.unfinished
+        """Purges meant for this node that it has not acknowledged yet (all lanes)."""
+        return sum(lane.backlog(name) for lane in self.lanes)
 
     def oldest_pending_age(self, name: str, now: float) -> float:
-        """Age of the oldest purge this node still owes (approximate: the entry at its position)."""
-        position = self.nodes[name].position
-        if self.backlog(name) == 0 or position >= self.log.head:
-            return 0.0
-        return now - self.log.get(position).accepted_at
+        """Age of the oldest purge this node still owes (approximate: the entry at its position per lane)."""
+        age = 0.0
+        for lane in self.lanes:
+            position = lane.cursors[name].position
+            if lane.backlog(name) and position < lane.log.head:
+                age = max(age, now - lane.log.get(max(position, lane.log.base)).accepted_at)
+        return age
 
     def batch_status(self, batch_id: str) -> dict | None:
         batch = self._batches.get(batch_id)
         if batch is None:
             return None
+        lane = self.lanes[batch.lane]
         dcs = {}
         done_all = True
         for di, dc in enumerate(self.topology.datacenters):
             tiers = {}
-            for tier in self.tiers[di]:
-                done = sum(1 for n in tier.nodes if n.position >= batch.hi)
+            for tier in lane.tiers[di]:
+                done = sum(1 for n in tier.nodes if lane.cursors[n].position >= batch.hi)
                 done_all &= done == len(tier.nodes)
                 tiers[tier.name] = {"nodes": len(tier.nodes), "done": done}
             dcs[dc.name] = tiers
-        return {"id": batch_id, "done": done_all, "accepted": batch.accepted, "datacenters": dcs}
+        return {
+            "id": batch_id,
+            "done": done_all,
+            "accepted": batch.accepted,
+            "priority": LANES[batch.lane],
+            "datacenters": dcs,
+        }
 
     def node_state(self, name: str, now: float) -> dict:
         node = self.nodes[name]
-        di, ti = self._node_tier[name]
+        dc = self.topology.datacenters[node.dc_index]
+        state = "down" if node.down else "out_of_sync" if node.out_of_sync else "up"
         return {
-            "dc": self.topology.datacenters[di].name,
-            "tier": self.tiers[di][ti].name,
-            "state": "down" if node.down else "up",
+            "dc": dc.name,
+            "tier": dc.tiers[node.tier_index].name,
+            "state": state,
             "backlog": self.backlog(name),
             "inflight": len(node.inflight),
             "retrying": len(node.retries),
@@ -378,12 +475,11 @@ class Engine:
         """Plain numbers for the metrics collector and /healthz."""
         self.trim()
         return {
-            "log_entries": len(self.log),
-            "log_head": self.log.head,
-            "unique_pending": len(self.log.index),
+            "log_entries": sum(len(lane.log) for lane in self.lanes),
+            "unique_pending": self.unique_pending(),
             "batches": self._batch_counter,
             "sources": self.sources,
             "nodes": {name: self.node_state(name, now) for name in self.nodes},
-            "node_stats": self.node_stats,
+            "node_stats": {name: node.stats for name, node in self.nodes.items()},
             "latency": self.latency,
         }

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,8 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import trio
 
-from ..core.errors import InvalidURL, PurgedError
+from ..core.errors import InvalidURL, Overloaded, PurgedError
 from ..core.ingest import decode_purge_body, decode_resource_changes, validate_urls
+from ..core.limits import TokenBucket
 from ..core.urls import parse_url, validate_host
 
 if TYPE_CHECKING:
@@ -29,6 +32,8 @@ log = logging.getLogger("purged.http")
 IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 READ_TIMEOUT = 30.0  # a request (headers and body) must arrive within this
 MAX_HEADER_BYTES = 64 * 1024
+MAX_CLIENT_BUCKETS = 10_000  # per-address rate limit state kept, least recently used dropped first
+OVERLOAD_RETRY_AFTER = 5  # seconds a client is told to wait when the daemon is over max_pending
 
 
 class HTTPError(PurgedError):
@@ -73,6 +78,28 @@ class API:
     def __init__(self, service: Service):
         self.service = service
         self.limits = service.config.limits
+        self._clients: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def _rate_limit(self, req: Request, count: int, source: str) -> None:
+        """Per client address token bucket (``limits.client_rate``); a batch larger than the burst passes
+        when the bucket is full and leaves it in debt, so big batches are slowed, never refused forever."""
+        rate = self.limits.client_rate
+        if rate <= 0:
+            return
+        now = trio.current_time()
+        client = req.peer.rpartition(":")[0]
+        bucket = self._clients.pop(client, None) or TokenBucket(rate, self.limits.client_burst or rate, now)
+        self._clients[client] = bucket
+        if len(self._clients) > MAX_CLIENT_BUCKETS:
+            self._clients.popitem(last=False)
+        if bucket.available(now) >= min(count, bucket.burst):
+            bucket.consume(count, now)
+            return
+        wait = max(1, math.ceil(bucket.when_available(min(count, int(bucket.burst))) - now))
+        self.service.engine.reject(source, "rate_limited", count)
+        raise HTTPError(
+            429, "rate_limited", f"client {client} is over {rate:g} purges/s", [("Retry-After", str(wait))]
+        )
 
     async def handle(self, req: Request) -> Response:
         path = req.path
@@ -112,7 +139,13 @@ class API:
             return json_response(
                 400, {"error": "no_valid_urls", "detail": detail, "accepted": 0, "rejected": checked.rejected}
             )
-        receipt = self.service.submit(checked.targets, source, priority)
+        self._rate_limit(req, len(checked.targets), source)
+        try:
+            receipt = self.service.submit(checked.targets, source, priority)
+        except Overloaded as exc:
+            raise HTTPError(
+                429, exc.reason, f"{exc.detail}; retry later", [("Retry-After", str(OVERLOAD_RETRY_AFTER))]
+            ) from None
         return json_response(
             status,
             {

@@ -1,0 +1,134 @@
+"""Core layer: a lane, one purge log with every node's cursor in it and the tier gates between them.
+
+The engine keeps one lane per priority class (``high`` is drained before ``bulk``). Within a lane a tier's
+position is the lowest position of its nodes; when it advances the tier records ``(position, now)``, and the
+next tier of that data centre may read below it once its ``delay`` has passed (DESIGN.md guarantee 3). Ingest
+``linger`` is a gate too: nothing younger than ``linger`` seconds is readable, so bursts of duplicates merge.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .cursor import NodeCursor
+from .log import PurgeLog
+from .topology import Topology
+
+
+@dataclass
+class TierGate:
+    name: str
+    delay: float  # of this tier, after the previous one acknowledged
+    nodes: list[str]
+    position: int = 0  # lowest position of its nodes
+    marks: deque = field(default_factory=deque)  # (position, time), waiting for the next tier's delay
+    gate: int = 0  # the next tier may read below this
+
+
+class Lane:
+    def __init__(self, name: str, topology: Topology, linger: float = 0.0):
+        self.name = name
+        self.log = PurgeLog()
+        self.linger = linger
+        self.linger_gate = 0  # entries below it are old enough to read
+        self.cursors: dict[str, NodeCursor] = {}
+        self.place: dict[str, tuple[int, int]] = {}  # node -> (dc index, tier index)
+        self.tiers: list[list[TierGate]] = []
+        for di, dc in enumerate(topology.datacenters):
+            gates = []
+            for ti, spec in enumerate(dc.tiers):
+                for node in spec.nodes:
+                    self.cursors[node] = NodeCursor(0)
+                    self.place[node] = (di, ti)
+                gates.append(TierGate(spec.name, spec.delay, list(spec.nodes)))
+            self.tiers.append(gates)
+        self.dc_appended = [0] * len(topology.datacenters)
+        self.gates_changed = False
+
+    def append(self, target: str, now: float, mask: int) -> tuple[int, bool]:
+        seq, merged = self.log.append(target, now, mask)
+        if not merged:
+            appended, di = self.dc_appended, 0
+            while mask >> di:
+                if mask >> di & 1:
+                    appended[di] += 1
+                di += 1
+        return seq, merged
+
+    def read_limit(self, node: str, now: float) -> int:
+        di, ti = self.place[node]
+        if ti:
+            return self.tiers[di][ti - 1].gate
+        if self.linger <= 0:
+            return self.log.head
+        return self._advance_linger(now)
+
+    def _advance_linger(self, now: float) -> int:
+        log, gate = self.log, self.linger_gate
+        horizon = now - self.linger
+        gate = max(gate, log.base)
+        while gate < log.head and log.get(gate).accepted_at <= horizon:
+            gate += 1
+        self.linger_gate = gate
+        return gate
+
+    def moved(self, node: str, now: float) -> None:
+        """``node``'s position may have advanced: advance its tier's, and open the next tier's gate."""
+        di, ti = self.place[node]
+        tiers = self.tiers[di]
+        if ti + 1 >= len(tiers):
+            return
+        tier = tiers[ti]
+        cursors = self.cursors
+        position = min(cursors[n].position for n in tier.nodes)
+        if position <= tier.position:
+            return
+        tier.position = position
+        if tiers[ti + 1].delay <= 0:
+            tier.gate = position
+            self.gates_changed = True
+        else:
+            tier.marks.append((position, now))
+
+    def get_timer(self) -> float | None:
+        when: float | None = None
+        for tiers in self.tiers:
+            for ti, tier in enumerate(tiers[:-1]):
+                if tier.marks:
+                    t = tier.marks[0][1] + tiers[ti + 1].delay
+                    when = t if when is None or t < when else when
+        if self.linger > 0 and self.linger_gate < self.log.head:
+            t = self.log.get(max(self.linger_gate, self.log.base)).accepted_at + self.linger
+            when = t if when is None or t < when else when
+        return when
+
+    def handle_timer(self, now: float) -> None:
+        for tiers in self.tiers:
+            for ti, tier in enumerate(tiers[:-1]):
+                delay = tiers[ti + 1].delay
+                while tier.marks and tier.marks[0][1] + delay <= now:
+                    tier.gate = tier.marks.popleft()[0]
+                    self.gates_changed = True
+        if self.linger > 0:
+            before = self.linger_gate
+            if self._advance_linger(now) > before:
+                self.gates_changed = True
+
+    def backlog(self, node: str) -> int:
+        """Entries meant for ``node`` that it has not finished."""
+        cursor = self.cursors[node]
+        return self.dc_appended[self.place[node][0]] - cursor.matched + cursor.unfinished
+
+    def skip_node(self, node: str) -> int:
+        """Declare ``node`` out of sync: drop its whole backlog; return how many purges that was."""
+        dropped = self.backlog(node)
+        cursor = self.cursors[node]
+        cursor.skip_to(self.log.head)
+        cursor.matched = self.dc_appended[self.place[node][0]]
+        return dropped
+
+    def trim(self) -> int:
+        if not self.cursors:
+            return self.log.trim(self.log.head)
+        return self.log.trim(min(c.position for c in self.cursors.values()))
