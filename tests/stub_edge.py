@@ -211,7 +211,10 @@ async def _read_requests(
                 # A non-pipelining server never reads what was pipelined behind the request it answers.
                 done = wants_close or not edge.pipelining
             if batch:
-                await send.send(batch)
+                try:
+                    await send.send(batch)
+                except trio.BrokenResourceError:
+                    return  # the answering side finished (closed or aborted the connection)
             if done:
                 return
 
@@ -264,7 +267,7 @@ async def handle_connection(edge: StubEdge, stream: trio.abc.Stream) -> None:
                 async with receive:
                     await _answer_requests(edge, stream, receive)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-answer
         finally:
             edge._scopes.discard(scope)

@@ -195,8 +195,10 @@ class Engine:
 
     def has_work(self, name: str, now: float) -> bool:
         node = self.nodes[name]
+        if node.down and node.inflight:
+            return False  # one probe at a time
         work = bool(node.retries and node.retries[0][0] <= now)
-        if not work and not node.down:
+        if not work:
             work = any(lane.cursors[name].cursor < lane.read_limit(name, now) for lane in self.lanes)
         if work and node.bucket.available(now) < 1:
             self._throttle(node)
@@ -210,8 +212,12 @@ class Engine:
 
     def take(self, name: str, limit: int, now: float) -> list[tuple[int, str]]:
         """The next purges ``(id, target)`` for node ``name``: due retries and deferrals first, then new
-        entries, high lane before bulk. A node marked down gets one due retry at a time (a probe)."""
+        entries, high lane before bulk. A node marked down gets one purge at a time (a probe) until it answers."""
         node = self.nodes[name]
+        if node.down:
+            if node.inflight:
+                return []
+            limit = 1
         limit = min(limit, node.bucket.available(now))
         if limit <= 0:
             self._throttle(node)
@@ -220,7 +226,7 @@ class Engine:
         dedup = node.dedup
         if node.retries and node.retries[0][0] <= now:
             retried = 0
-            while node.retries and node.retries[0][0] <= now and len(out) < (1 if node.down else limit):
+            while node.retries and node.retries[0][0] <= now and len(out) < limit:
                 ident = heapq.heappop(node.retries)[1]
                 target = self.lanes[ident & 1].log.get(ident >> 1).target
                 if dedup is not None:
@@ -233,11 +239,10 @@ class Engine:
                 out.append((ident, target))
                 retried += 1
             node.stats.retries += retried
-        if not node.down:
-            for li, lane in enumerate(self.lanes):
-                if len(out) >= limit:
-                    break
-                self._read(node, li, lane, limit, now, out)
+        for li, lane in enumerate(self.lanes):
+            if len(out) >= limit:
+                break
+            self._read(node, li, lane, limit, now, out)
         node.bucket.consume(len(out), now)
         node.stats.sent += len(out)
         return out
