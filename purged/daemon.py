@@ -91,6 +91,7 @@ class Service:
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
         self.accepting = True
+        self.heartbeat = trio.current_time()
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time))
 
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
@@ -116,12 +117,19 @@ class Service:
         task_status.started()
         engine = self.engine
         while True:
+            now = trio.current_time()
+            self.heartbeat = now
             when = engine.get_timer()
-            with trio.move_on_at(when if when is not None else float("inf")):
+            # Wake at least once a second: the heartbeat tells the systemd watchdog this loop is alive.
+            with trio.move_on_at(min(when, now + 1.0) if when is not None else now + 1.0):
                 await self.timers.wait()
             engine.handle_timer(trio.current_time())
             engine.gates_changed = False
             self.work.fire()
+
+    def alive(self) -> bool:
+        """For the systemd watchdog: the engine's timer loop ran recently (a stuck loop gets us restarted)."""
+        return trio.current_time() - self.heartbeat < 5.0
 
     def backlog(self) -> int:
         return sum(self.engine.backlog(n) for n in self.engine.nodes)
@@ -163,6 +171,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus = trio.TASK_STAT
                 len(service.senders),
                 len(config.datacenters),
             )
+            await nursery.start(systemd.serve_watchdog, service.alive)
             systemd.ready(f"{len(service.senders)} nodes")
             task_status.started(service)
             async for signum in signals:
