@@ -170,3 +170,17 @@ def test_core_imports_no_io_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_restore_from_a_journal_resumes_each_node_at_its_position():
+    e = make_engine(delay=0.0)
+    items = [("h.org/a", 0.0), ("x.example.org/b", 0.0), ("h.org/c", 0.0)]
+    # b1 had everything below 12, b2 below 11; b3 is new (no checkpoint): it starts at the head.
+    e.restore(BULK, 10, items, {"b1": 12, "b2": 11, "f1": 10})
+    assert e.backlog("b1") == 1 and e.backlog("b2") == 2 and e.backlog("b3") == 0
+    assert drain(e, "b1", 1.0) == ["h.org/c"]
+    assert drain(e, "b2", 1.0) == ["x.example.org/b", "h.org/c"]
+    assert drain(e, "f1", 1.0) == ["h.org/a", "x.example.org/b", "h.org/c"]
+    r = e.submit(["x.example.org/b"], now=2.0)  # seqs continue after the replayed ones
+    assert r.coalesced == 0 and e.lanes[BULK].log.head == 14
+    assert drain(e, "b3", 2.0) == ["x.example.org/b"]

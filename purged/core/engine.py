@@ -409,6 +409,16 @@ class Engine:
         self._sync_gates()
         return affected
 
+    # -- journal ----------------------------------------------------------------------------------------------
+
+    def positions(self) -> list[dict[str, int]]:
+        """Each lane's node positions, for a checkpoint: below them a node has everything."""
+        return [lane.positions() for lane in self.lanes]
+
+    def restore(self, lane: int, base: int, items: list[tuple[str, float]], positions: dict[str, int]) -> None:
+        """Load a lane from a journal replay (see :meth:`Lane.restore`). Call before any submit."""
+        self.lanes[lane].restore(base, items, positions, self.topology)
+
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
     def trim(self) -> int:

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cursor import NodeCursor
-from .log import PurgeLog
+from .log import Entry, PurgeLog
 from .topology import Topology
 
 
@@ -132,3 +132,40 @@ class Lane:
         if not self.cursors:
             return self.log.trim(self.log.head)
         return self.log.trim(min(c.position for c in self.cursors.values()))
+
+    def positions(self) -> dict[str, int]:
+        return {node: cursor.position for node, cursor in self.cursors.items()}
+
+    def restore(self, base: int, items: list[tuple[str, float]], positions: dict[str, int], topology: Topology) -> None:
+        """Rebuild from a journal: entries ``(target, accepted_at)`` numbered from ``base`` and each node's
+        checkpointed position. A node without a checkpoint (new in the config) starts at the head. Tier gates
+        open at their tier's position: the purges below were acknowledged before the restart."""
+        masks: dict[str, int] = {}
+        entries = []
+        for target, accepted_at in items:
+            host = target[: target.find("/")]
+            mask = masks.get(host)
+            if mask is None:
+                mask = masks[host] = topology.dc_mask(host)
+            entries.append(Entry(target, accepted_at, mask))
+        head = base + len(entries)
+        starts = {node: min(max(positions.get(node, head), base), head) for node in self.cursors}
+        self.log.load(base, entries, max(starts.values(), default=base))
+        self.linger_gate = base
+        # Per data centre, how many entries it must get below each seq: prefix counts give every node's
+        # ``matched`` (entries read that were meant for it) in one pass.
+        for di in range(len(self.dc_appended)):
+            bit = 1 << di
+            prefix = [0]
+            for entry in entries:
+                prefix.append(prefix[-1] + (1 if entry.dc_mask & bit else 0))
+            self.dc_appended[di] = prefix[-1]
+            for node, (ndi, _) in self.place.items():
+                if ndi == di:
+                    self.cursors[node] = NodeCursor(starts[node], prefix[starts[node] - base])
+        for tiers in self.tiers:
+            for tier in tiers:
+                tier.position = min(self.cursors[n].position for n in tier.nodes)
+                tier.gate = tier.position
+                tier.marks.clear()
+

@@ -72,3 +72,18 @@ class PurgeLog:
             del entries[: self._offset]
             self._offset = 0
         return dropped
+
+    def entries(self, start: int | None = None) -> list[tuple[int, Entry]]:
+        """``(seq, entry)`` from ``start`` (default: the base) to the head, for a snapshot."""
+        first = self.base if start is None else max(start, self.base)
+        return [(seq, self.get(seq)) for seq in range(first, self.head)]
+
+    def load(self, base: int, entries: list[Entry], read_mark: int) -> None:
+        """Replace the content with ``entries`` numbered from ``base`` (a journal replay)."""
+        self._entries = list(entries)
+        self._offset = 0
+        self.base = base
+        self.head = base + len(entries)
+        self.read_mark = max(base, min(read_mark, self.head))
+        self.index = {entry.target: base + i for i, entry in enumerate(entries)}
+
