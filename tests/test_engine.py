@@ -184,3 +184,12 @@ def test_restore_from_a_journal_resumes_each_node_at_its_position():
     r = e.submit(["x.example.org/b"], now=2.0)  # seqs continue after the replayed ones
     assert r.coalesced == 0 and e.lanes[BULK].log.head == 14
     assert drain(e, "b3", 2.0) == ["x.example.org/b"]
+
+
+def test_appended_entries_are_recorded_for_the_journal():
+    e = make_engine()
+    e.record_appends()
+    e.submit(["h.org/a", "h.org/a", "h.org/b"], now=1.0)
+    e.submit(["h.org/c"], now=2.0, priority="high")
+    assert e.take_appended() == [(0, 0, "h.org/c", 2.0), (BULK, 0, "h.org/a", 1.0), (BULK, 1, "h.org/b", 1.0)]
+    assert e.take_appended() == []

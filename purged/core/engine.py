@@ -415,6 +415,20 @@ class Engine:
         """Each lane's node positions, for a checkpoint: below them a node has everything."""
         return [lane.positions() for lane in self.lanes]
 
+    def record_appends(self) -> None:
+        """From now on keep every new log entry for :meth:`take_appended` (the journal writes them)."""
+        for lane in self.lanes:
+            lane.outbox = []
+
+    def take_appended(self) -> list[tuple[int, int, str, float]]:
+        """New log entries since the last call, as ``(lane, seq, target, accepted_at)``, in append order per lane."""
+        out = []
+        for li, lane in enumerate(self.lanes):
+            if lane.outbox:
+                out.extend((li, seq, target, at) for seq, target, at in lane.outbox)
+                lane.outbox.clear()
+        return out
+
     def restore(self, lane: int, base: int, items: list[tuple[str, float]], positions: dict[str, int]) -> None:
         """Load a lane from a journal replay (see :meth:`Lane.restore`). Call before any submit."""
         self.lanes[lane].restore(base, items, positions, self.topology)

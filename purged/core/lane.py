@@ -45,10 +45,13 @@ class Lane:
             self.tiers.append(gates)
         self.dc_appended = [0] * len(topology.datacenters)
         self.gates_changed = False
+        self.outbox: list[tuple[int, str, float]] | None = None  # new entries, for the journal when enabled
 
     def append(self, target: str, now: float, mask: int) -> tuple[int, bool]:
         seq, merged = self.log.append(target, now, mask)
         if not merged:
+            if self.outbox is not None:
+                self.outbox.append((seq, target, now))
             appended, di = self.dc_appended, 0
             while mask >> di:
                 if mask >> di & 1:
