@@ -1,0 +1,440 @@
+"""Shared helpers for the sender benchmarks: real ``varnishd`` nodes, a purged subprocess, CPU time, statistics.
+
+Everything started here is stopped by its PID and every work directory is a ``tempfile.mkdtemp()`` of our own,
+removed on stop. Nothing here sends traffic anywhere but the addresses the caller gives (loopback, or the
+198.18.0.0/15 namespaces of ``netns_delay.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+VARNISHD = shutil.which("varnishd") or "/usr/sbin/varnishd"
+VARNISHSTAT = shutil.which("varnishstat") or "/usr/bin/varnishstat"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+PURGE_VCL = """vcl 4.1;
+# Bench VCL: no backend; PURGE purges, everything else is a synthetic 404.
+backend default none;
+sub vcl_recv {
+    if (req.method == "PURGE") {
+        return (purge);
+    }
+    return (synth(404));
+}
+"""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process {proc.pid} exited ({proc.returncode}) before listening on {port}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM the process (by PID), then SIGKILL after ``timeout``; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+# -- /proc --------------------------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2 :].split()  # the comm field may hold spaces; skip past it
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its direct children (varnishd's manager + its cache worker)."""
+    total = cpu_seconds(pid)
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            pass
+    return total
+
+
+# -- varnishd -----------------------------------------------------------------------------------------------------
+
+
+class Varnish:
+    """One ``varnishd -F`` with its own ``-n`` work dir (a mkdtemp dir) and the PURGE VCL.
+
+    ``netns``: run it inside that network namespace (``ip netns exec``); the VSM files still live in the
+    work dir on the shared file system, so ``varnishstat -n`` works from anywhere.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, netns: str | None = None,
+                 extra_params: tuple[str, ...] = ()):
+        self.host = host
+        self.port = port or free_port(host)
+        self.netns = netns
+        self.extra_params = extra_params
+        self.tmp: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def workdir(self) -> str:
+        assert self.tmp is not None
+        return os.path.join(self.tmp, "n")
+
+    def start(self) -> Varnish:
+        self.tmp = tempfile.mkdtemp(prefix="purged-bench-varnish-")
+        vcl = os.path.join(self.tmp, "purge.vcl")
+        with open(vcl, "w") as f:
+            f.write(PURGE_VCL)
+        cmd = [
+            VARNISHD, "-F", "-j", "none", "-n", self.workdir,
+            "-a", f"{self.host}:{self.port}", "-T", "127.0.0.1:0", "-s", "malloc,64m", "-f", vcl,
+            # Few threads: with pipelining each connection is served by one worker thread anyway.
+            "-p", "thread_pools=1", "-p", "thread_pool_min=20", "-p", "thread_pool_max=200",
+        ]
+        for p in self.extra_params:
+            cmd += ["-p", p]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]  # ip execs varnishd: same PID
+        self._log = open(os.path.join(self.tmp, "varnishd.log"), "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            if self.netns:
+                self._wait_netns_listening()
+            else:
+                wait_listening(self.host, self.port, proc=self.proc)
+            # The counters appear a moment after the listener.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    self.n_purges()
+                    break
+                except (RuntimeError, ValueError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_netns_listening(self) -> None:
+        # From outside the namespace we cannot connect; wait for the VSM counters and the listen log line.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"varnishd exited ({self.proc.returncode}): {self.log_tail()}")
+            try:
+                self.n_purges()
+                return
+            except (RuntimeError, ValueError):
+                time.sleep(0.1)
+        raise TimeoutError("varnishd did not come up")
+
+    def log_tail(self) -> str:
+        try:
+            with open(os.path.join(self.tmp, "varnishd.log"), "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def counters(self, *names: str) -> dict[str, int]:
+        cmd = [VARNISHSTAT, "-n", self.workdir, "-1", "-j"]
+        for n in names:
+            cmd += ["-f", n]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            raise RuntimeError(f"varnishstat failed: {r.stderr.strip()}")
+        data = json.loads(r.stdout)
+        counters = data.get("counters", data)  # varnish >= 6.5 nests them under "counters"
+        return {k: int(v["value"]) for k, v in counters.items() if isinstance(v, dict) and "value" in v}
+
+    def n_purges(self) -> int:
+        return self.counters("MAIN.n_purges")["MAIN.n_purges"]
+
+    def cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __enter__(self) -> Varnish:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class PurgeSampler:
+    """A thread polling every node's ``MAIN.n_purges`` (one ``varnishstat`` each, ~2.5 ms CPU) every
+    ``interval`` s until each delta reached ``target`` or ``timeout`` passed. ``reached_at``: the
+    ``time.monotonic()`` of the first poll that saw every node at its target (None if none did)."""
+
+    def __init__(self, varnishes: list[Varnish], target: int, *, interval: float = 0.05, timeout: float = 300.0):
+        import threading
+
+        self.varnishes, self.target, self.interval, self.timeout = varnishes, target, interval, timeout
+        self.before = [v.n_purges() for v in varnishes]
+        self.samples: list[tuple[float, list[int]]] = []
+        self.reached_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> PurgeSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                deltas = [v.n_purges() - b for v, b in zip(self.varnishes, self.before, strict=True)]
+                now = time.monotonic()
+                self.samples.append((now, deltas))
+                if all(d >= self.target for d in deltas):
+                    self.reached_at = now
+                    return
+                self._stop.wait(self.interval)
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the target (bounded by the sampler's own timeout); True if every node reached it."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join(5)
+        if self.error is not None:
+            raise self.error
+        return self.reached_at is not None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def deltas(self) -> list[int]:
+        return self.samples[-1][1] if self.samples else [0] * len(self.varnishes)
+
+    def steady_rate(self, lo: float = 0.1, hi: float = 0.9) -> float:
+        """PURGE/s (all nodes together) between the polls that first saw lo and hi of the total target."""
+        total = self.target * len(self.varnishes)
+        first = next(((t, sum(d)) for t, d in self.samples if sum(d) >= lo * total), None)
+        last = next(((t, sum(d)) for t, d in self.samples if sum(d) >= hi * total), None)
+        if first is None or last is None or last[0] <= first[0]:
+            return float("nan")
+        return (last[1] - first[1]) / (last[0] - first[0])
+
+
+def wait_purges(varnishes: list[Varnish], targets: list[int], timeout: float, interval: float = 0.2) -> bool:
+    """Poll until every Varnish's n_purges reached its target (bounded); True if they did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(v.n_purges() >= t for v, t in zip(varnishes, targets, strict=True)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
+# -- purged -------------------------------------------------------------------------------------------------------
+
+
+def purged_config(nodes: list[str], *, window: int = 64, connections: int = 2, listen: str = "127.0.0.1:0",
+                  dc: str = "bench") -> str:
+    """A YAML config: one data centre, one tier holding ``nodes`` (no tier gates), the given sender settings."""
+    lines = [
+        "listen:",
+        f'  http: "{listen}"',
+        "datacenters:",
+        f"  {dc}:",
+        "    tiers:",
+        "      - name: frontend",
+        "        nodes: [" + ", ".join(f'"{n}"' for n in nodes) + "]",
+        "sender:",
+        f"  window: {int(window)}",
+        f"  connections: {int(connections)}",
+        "  timeout: 30",
+        "limits:",
+        "  max_urls_per_batch: 100000",
+        "  max_wait: 120",
+        "shutdown_timeout: 2",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class Purged:
+    """``purged --config FILE`` as a subprocess; its API port is read from the "purged ready" log line."""
+
+    READY = re.compile(r"purged ready: http [^\s]*:(\d+)")
+
+    def __init__(self, nodes: list[str], *, window: int = 64, connections: int = 2, netns: str | None = None,
+                 env: dict[str, str] | None = None, python_args: tuple[str, ...] = ()):
+        self.nodes = nodes
+        self.window, self.connections = window, connections
+        self.netns = netns
+        self.env = env
+        self.python_args = tuple(python_args)  # e.g. ("-m", "cProfile", "-o", FILE) to profile it
+        self.tmp: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self, timeout: float = 20.0) -> Purged:
+        self.tmp = tempfile.mkdtemp(prefix="purged-bench-daemon-")
+        cfg = os.path.join(self.tmp, "purged.yaml")
+        with open(cfg, "w") as f:
+            f.write(purged_config(self.nodes, window=self.window, connections=self.connections))
+        cmd = [PYTHON, *self.python_args, "-m", "purged", "--config", cfg, "--log-level", "info"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self._log_path = os.path.join(self.tmp, "purged.log")
+        self._log = open(self._log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=str(ROOT))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                m = self.READY.search(self.log_text())
+                if m:
+                    self.port = int(m.group(1))
+                    return self
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"purged exited ({self.proc.returncode}): {self.log_text()[-2000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("purged did not report ready")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def log_text(self) -> str:
+        try:
+            with open(self._log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop_process(self.proc, timeout)
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def __enter__(self) -> Purged:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# -- the poster: POST /v1/purge batches (urllib: one keep-alive-less request per batch is plenty) -----------------
+
+
+def make_urls(n: int, prefix: str, host: str = "en.wikipedia.org") -> list[str]:
+    return [f"http://{host}/wiki/{prefix}_{i}?action=raw" for i in range(n)]
+
+
+def post_batch(base_url: str, urls: list[str], timeout: float = 60.0) -> dict:
+    body = json.dumps({"urls": urls}).encode()
+    req = urllib.request.Request(f"{base_url}/v1/purge", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        reply = json.loads(r.read())
+    if reply.get("accepted") != len(urls):
+        raise RuntimeError(f"purged accepted {reply.get('accepted')} of {len(urls)}: {reply}")
+    return reply
+
+
+def wait_batch(base_url: str, batch_id: str, timeout: float) -> bool:
+    """Long-poll ``GET /v1/purge/{id}?wait=`` until the batch is done on every node (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        wait = max(0.1, min(left, 60.0))
+        with urllib.request.urlopen(f"{base_url}/v1/purge/{batch_id}?wait={wait:.3f}", timeout=wait + 10) as r:
+            if json.loads(r.read()).get("done"):
+                return True
+
+
+# -- figures ------------------------------------------------------------------------------------------------------
+
+
+def fmt_repeats(values: list[float], fmt: str = "{:,.0f}") -> str:
+    """"a, b, c (median m)"."""
+    if not values:
+        return "n/a"
+    return ", ".join(fmt.format(v) for v in values) + f"  (median {fmt.format(statistics.median(values))})"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine_note() -> str:
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

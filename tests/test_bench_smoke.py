@@ -1,0 +1,51 @@
+"""Smoke runs of the sender benchmarks with tiny counts, so the scripts in bench/ do not rot.
+
+They check that each script runs end to end and prints its figures, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("varnishd") is None and not os.path.exists("/usr/sbin/varnishd"),
+                       reason="varnishd is not installed"),
+]
+
+
+def run(*args: str, timeout: float = 60) -> str:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, f"{args[0]} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_sender_bench_smoke():
+    out = run(str(BENCH / "sender_bench.py"), "--nodes", "1", "--urls", "3000", "--batch", "1000",
+              "--repeats", "1", "--settings", "16x2", "--wrk-seconds", "1", "--timeout", "30")
+    assert "wrk ceiling" in out and "(match)" in out
+    assert "purged window 16 x 2 conn" in out and "x ceiling" in out
+    assert "best setting: window 16 x 2" in out
+
+
+def _can_netns() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
+
+
+@pytest.mark.skipif(not _can_netns(), reason="needs root, /dev/net/tun and ip")
+def test_crossdc_bench_smoke():
+    out = run(str(BENCH / "crossdc_bench.py"), "--delay-ms", "5", "--repeats", "1", "--settings", "16x2",
+              "--urls", "500", "--seconds", "0.5", "--timeout", "30")
+    assert "RTT to 198.18.1.1:6081: TCP connect median" in out
+    assert "window   16 x 2 conn:" in out
+    assert "'dropped_queue_full': 0" in out
