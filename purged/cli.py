@@ -39,11 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from functools import partial
+
     import trio
 
     from .daemon import serve
+    from .net.journal import JournalSetupError
 
-    trio.run(serve, config)
+    try:
+        trio.run(partial(serve, config, config_path=path))
+    except JournalSetupError as exc:
+        logging.getLogger("purged").critical("%s", exc)
+        return 1
     return 0
 
 

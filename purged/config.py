@@ -110,6 +110,16 @@ class Datacenter:
 
 
 @dataclass(frozen=True)
+class JournalTuning:
+    segment_bytes: int = 16 * 1024 * 1024  # a segment file is closed and a new one started past this size
+    sync_interval: float = 0.1  # durability batch: seconds between fsyncs
+    checkpoint_interval: float = 1.0  # seconds between checkpoints of the nodes' positions
+
+
+DURABILITY = ("fsync", "batch", "none")
+
+
+@dataclass(frozen=True)
 class Config:
     datacenters: tuple[Datacenter, ...]
     listen: Listen = field(default_factory=Listen)
@@ -117,6 +127,9 @@ class Config:
     sender: Sender = field(default_factory=Sender)
     dedup: Dedup = field(default_factory=Dedup)
     shutdown_timeout: float = 30.0
+    state_dir: str | None = "/var/lib/purged"  # the journal; None: no journal (purges live in memory only)
+    durability: str = "fsync"  # fsync | batch | none: what a 2xx promises (docs/durability.md)
+    journal: JournalTuning = field(default_factory=JournalTuning)
 
 
 # -- the parser ---------------------------------------------------------------------------------------------------
@@ -352,7 +365,37 @@ def _parse_datacenter(name: str, value: Any, path: str, errs: _Errors) -> Datace
     return Datacenter(name=name, tiers=tuple(tiers), hosts=tuple(hosts), **rates)
 
 
-_TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout"}
+def _parse_journal(value: Any, path: str, errs: _Errors) -> JournalTuning | None:
+    spec = {
+        "segment_bytes": _pos(minimum=65536, integer=True),
+        "sync_interval": _pos(minimum=0.001),
+        "checkpoint_interval": _pos(minimum=0.01),
+    }
+    m = _mapping(value, path, errs, set(spec))
+    return None if m is None else JournalTuning(**_fields(m, path, errs, spec))
+
+
+def _parse_state_dir(value: Any, path: str, errs: _Errors) -> Any:
+    if value is None:
+        return _NULL
+    text = _string(value, path, errs)
+    if text is not None and "\0" in text:
+        errs.add(path, "contains a NUL byte")
+        return None
+    return text
+
+
+def _parse_durability(value: Any, path: str, errs: _Errors) -> str | None:
+    if value not in DURABILITY:
+        errs.add(path, f"expected one of {', '.join(DURABILITY)}, got {value!r}")
+        return None
+    return value
+
+
+_NULL = object()  # a parsed null: _fields() drops None (an error), so null state_dir needs a marker
+
+_TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout", "state_dir", "durability",
+             "journal"}
 
 
 def parse_config(data: Any) -> Config:
@@ -395,9 +438,14 @@ def parse_config(data: Any) -> Config:
                 "sender": _parse_sender,
                 "dedup": _parse_dedup,
                 "shutdown_timeout": _pos(),
+                "state_dir": _parse_state_dir,
+                "durability": _parse_durability,
+                "journal": _parse_journal,
             },
         )
     )
+    if kw.get("state_dir") is _NULL:
+        kw["state_dir"] = None
     if errs.items:
         raise ConfigError(errs.items)
     return Config(datacenters=tuple(dcs), **kw)

@@ -1,5 +1,5 @@
 """Daemon: builds the engine and every adapter from the config, starts each with ``nursery.start``, and handles
-signals (SIGTERM/SIGINT: stop intake, drain under a deadline, exit).
+signals (SIGTERM/SIGINT: stop intake, drain under a deadline, final journal checkpoint, exit; SIGHUP: reload).
 
 :class:`Service` is the small shared context adapters talk to: the engine, the clock, and the wake-ups that
 turn the synchronous engine's state changes into trio scheduling.
@@ -16,12 +16,14 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .core.engine import Engine, Policy, Receipt
+from .core.reload import reconfigure
 from .core.topology import DatacenterSpec, TierSpec, Topology
 from .metrics import EngineCollector
 from .net import systemd
 from .net.http_api import API, serve_http
+from .net.journal import DurabilityCollector, Journal, JournalError
 from .net.sender import NodeSender
 
 log = logging.getLogger("purged")
@@ -93,11 +95,98 @@ class Service:
         self.accepting = True
         self.heartbeat = trio.current_time()
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time))
+        self.journal: Journal | None = None
+        self.api: API | None = None
+        self.nursery: trio.Nursery | None = None  # where senders run (set by serve)
+        self._sender_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self.reloads = {"ok": 0, "error": 0}
+        self.removed_drops: dict[tuple[str, str, str], int] = {}  # (dc, tier, node) -> backlog dropped
+        self.registry.register(DurabilityCollector(lambda: self.journal, lambda: self.reloads,
+                                                   lambda: self.removed_drops))
 
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
         receipt = self.engine.submit(targets, trio.current_time(), source, priority)
         self.work.fire()
+        if self.journal is not None:
+            self.journal.kick()
         return receipt
+
+    async def accept(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
+        """:meth:`submit`, then wait until the journal holds the batch as ``durability`` promises. Raises
+        :class:`JournalError` (a 503) while the journal cannot write: nothing is accepted then. If the write of
+        this very batch fails it still raises, though the purges are in memory and will be delivered: the
+        client retries, and a repeated purge is harmless."""
+        journal = self.journal
+        if journal is not None:
+            try:
+                journal.check()
+            except JournalError as exc:
+                self.engine.reject(source, exc.reason, len(targets))
+                raise
+        receipt = self.submit(targets, source, priority)
+        if journal is not None:
+            await journal.commit()
+        return receipt
+
+    async def start_sender(self, address) -> None:
+        """Run a :class:`NodeSender` for ``address`` in the daemon nursery, in a scope of its own."""
+        assert self.nursery is not None
+        sender = NodeSender(self, address, self.config.sender)
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await sender.run(task_status=task_status)
+            finally:
+                done.set()
+
+        self.senders[sender.name] = sender
+        self._sender_scopes[sender.name] = (scope, done)
+        await self.nursery.start(run)
+
+    async def stop_sender(self, name: str) -> None:
+        scope, done = self._sender_scopes.pop(name)
+        self.senders.pop(name, None)
+        scope.cancel()
+        with trio.move_on_after(10):
+            await done.wait()
+
+    async def reload(self, new: Config) -> None:
+        """Apply ``new`` (already validated): nodes, data centres, limits, shaping. Listeners and the journal
+        settings need a restart. Accepted purges are neither lost nor sent again (see core/reload.py)."""
+        old = self.config
+        for key in ("listen", "state_dir", "durability", "journal"):
+            if getattr(old, key) != getattr(new, key):
+                log.warning("reload: %s changed; it applies at the next restart", key)
+        names = {str(a) for dc in new.datacenters for t in dc.tiers for a in t.nodes}
+        for name in [n for n in self.senders if n not in names]:
+            await self.stop_sender(name)  # before the engine forgets the node: no task asks about it after
+        report = reconfigure(self.engine, build_topology(new), build_policy(new), node_rates(new),
+                             trio.current_time())
+        self.config = new
+        for sender in self.senders.values():
+            if sender.cfg.window == sender.window:
+                sender.window = new.sender.window
+            sender.cfg = new.sender
+        for dc in new.datacenters:
+            for tier in dc.tiers:
+                for address in tier.nodes:
+                    if str(address) not in self.senders:
+                        await self.start_sender(address)
+        if self.api is not None:
+            self.api.limits = new.limits
+        for name, count in report.removed.items():
+            dc, tier = report.removed_place[name]
+            self.removed_drops[(dc, tier, name)] = self.removed_drops.get((dc, tier, name), 0) + count
+        log.info(
+            "reload: %d nodes (added %s; removed %s, %d purges of their backlogs dropped; moved %s)",
+            len(self.senders), ", ".join(report.added) or "none", ", ".join(report.removed) or "none",
+            sum(report.removed.values()), ", ".join(report.moved) or "none",
+        )
+        self.work.fire()
+        self.timers.fire()
+        self.progress.fire()
 
     def changed(self) -> None:
         """Called by senders after they fed the engine: wake whoever may now proceed."""
@@ -149,41 +238,90 @@ class Service:
         return encoder(self.registry), content_type
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the daemon until cancelled or signalled; ``task_status.started(service)`` once every part is up."""
+async def serve(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until cancelled or signalled; ``task_status.started(service)`` once every part is up.
+
+    ``config_path`` is re-read on SIGHUP. With ``state_dir`` set the journal is replayed before anything else
+    starts, so READY=1 (and the first listener) come after the replay.
+    """
     service = Service(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    if config.state_dir is not None:
+        j = config.journal
+        journal = Journal(config.state_dir, config.durability, segment_bytes=j.segment_bytes,
+                          sync_interval=j.sync_interval, checkpoint_interval=j.checkpoint_interval)
+        journal.open(service.engine)
+        service.journal = journal
+    try:
+        await _run(service, config, config_path, task_status)
+    finally:
+        if service.journal is not None:
+            service.journal.release()
+
+
+async def _run(service: Service, config: Config, config_path: str | None, task_status: trio.TaskStatus) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            service.nursery = nursery
+            if service.journal is not None:
+                await nursery.start(service.journal.serve)
             await nursery.start(service.run_timers)
             for dc in config.datacenters:
                 for tier in dc.tiers:
                     for address in tier.nodes:
-                        sender = NodeSender(service, address, config.sender)
-                        service.senders[sender.name] = sender
-                        await nursery.start(sender.run)
+                        await service.start_sender(address)
             intake = trio.CancelScope()
+            service.api = API(service)
             if config.listen.http is not None:
-                listeners = await nursery.start(_run_intake, intake, API(service), config.listen.http)
+                listeners = await nursery.start(_run_intake, intake, service.api, config.listen.http)
                 service.http_port = listeners[0].socket.getsockname()[1]
             log.info(
-                "purged ready: http %s, %d nodes in %d data centres",
+                "purged ready: http %s, %d nodes in %d data centres, journal %s",
                 f"{config.listen.http.host}:{service.http_port}" if config.listen.http else "off",
                 len(service.senders),
                 len(config.datacenters),
+                f"{config.state_dir} ({config.durability})" if config.state_dir else "off",
             )
             await nursery.start(systemd.serve_watchdog, service.alive)
             systemd.ready(f"{len(service.senders)} nodes")
             task_status.started(service)
             async for signum in signals:
-                log.info("received %s: stopping intake, draining for up to %gs",
-                         signal.Signals(signum).name, config.shutdown_timeout)
+                if signum == signal.SIGHUP:
+                    await _reload(service, config_path)
+                    continue
+                timeout = service.config.shutdown_timeout
+                log.info("received %s: stopping intake, draining for up to %gs", signal.Signals(signum).name, timeout)
                 systemd.stopping()
-                systemd.extend_timeout(config.shutdown_timeout + 5)
+                systemd.extend_timeout(timeout + 5)
                 service.accepting = False
                 intake.cancel()
-                await _drain(service, config.shutdown_timeout)
+                await _drain(service, timeout)
+                if service.journal is not None:
+                    await service.journal.close()  # what is left is replayed at the next start
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _reload(service: Service, path: str | None) -> None:
+    systemd.reloading()
+    if path is None:
+        log.warning("SIGHUP: no config file to reload (started without one)")
+    else:
+        try:
+            new = await trio.to_thread.run_sync(load_config, path)
+        except ConfigError as exc:
+            service.reloads["error"] += 1
+            for line in exc.errors:
+                log.error("reload: %s", line)
+            log.error("reload: %s has %d error(s); keeping the running configuration", path, len(exc.errors))
+        else:
+            await service.reload(new)
+            service.reloads["ok"] += 1
+    systemd.ready(f"{len(service.senders)} nodes")
 
 
 async def _run_intake(scope: trio.CancelScope, api: API, address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -192,9 +330,16 @@ async def _run_intake(scope: trio.CancelScope, api: API, address, *, task_status
 
 
 async def _drain(service: Service, timeout: float) -> None:
-    with trio.move_on_after(timeout):
+    deadline = trio.current_time() + timeout
+    extended = trio.current_time()
+    with trio.move_on_at(deadline):
         while service.backlog():
-            await service.progress.wait()
+            with trio.move_on_after(1.0):
+                await service.progress.wait()
+            now = trio.current_time()
+            if now - extended >= 5.0:  # keep systemd's stop timeout ahead of our own deadline
+                extended = now
+                systemd.extend_timeout(deadline - now + 5)
     left = service.backlog()
     if left:
         log.warning("shutdown: %d purges still owed to nodes after %gs", left, timeout)

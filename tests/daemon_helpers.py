@@ -21,7 +21,8 @@ def config_for(nodes_by_dc: dict, **extra) -> dict:
                 for i, t in enumerate(tiers)
             ]
         }
-    cfg = {"listen": {"http": "127.0.0.1:0"}, "datacenters": dcs}
+    # No journal unless a test asks for one (state_dir=...): the default /var/lib/purged is shared.
+    cfg = {"listen": {"http": "127.0.0.1:0"}, "state_dir": None, "datacenters": dcs}
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key].update(value)

@@ -105,15 +105,15 @@ class API:
         path = req.path
         if path == "/v1/purge":
             self._allow(req, "POST")
-            return self._purge_batch(req)
+            return await self._purge_batch(req)
         if path.startswith("/v1/purge/"):
             self._allow(req, "GET")
             return await self._status(req, path[len("/v1/purge/") :])
         if path in ("/sys/purge/", "/sys/purge"):
             self._allow(req, "POST")
-            return self._sys_purge(req)
+            return await self._sys_purge(req)
         if req.method == "PURGE":
-            return self._purge_one(req)
+            return await self._purge_one(req)
         if path == "/metrics":
             self._allow(req, "GET")
             body, content_type = self.service.render_metrics(req.headers.get("accept", ""))
@@ -129,7 +129,9 @@ class API:
             allow = ", ".join(methods)
             raise HTTPError(405, "method_not_allowed", f"{req.method} {req.path}: use {allow}", [("Allow", allow)])
 
-    def _accept(self, req: Request, urls: list[Any], source: str, status: int, priority: str = "bulk") -> Response:
+    async def _accept(
+        self, req: Request, urls: list[Any], source: str, status: int, priority: str = "bulk"
+    ) -> Response:
         checked = validate_urls(urls, self.limits.max_url_length)
         engine = self.service.engine
         for reason, count in checked.reasons().items():
@@ -141,7 +143,9 @@ class API:
             )
         self._rate_limit(req, len(checked.targets), source)
         try:
-            receipt = self.service.submit(checked.targets, source, priority)
+            # With a journal, this returns once the batch is as durable as `durability` promises (or raises a
+            # 503 JournalError): the 2xx below is the promise (docs/durability.md).
+            receipt = await self.service.accept(checked.targets, source, priority)
         except Overloaded as exc:
             raise HTTPError(
                 429, exc.reason, f"{exc.detail}; retry later", [("Retry-After", str(OVERLOAD_RETRY_AFTER))]
@@ -156,15 +160,15 @@ class API:
             },
         )
 
-    def _purge_batch(self, req: Request) -> Response:
+    async def _purge_batch(self, req: Request) -> Response:
         decoded = decode_purge_body(req.headers.get("content-type"), req.body, self.limits.max_urls_per_batch)
-        return self._accept(req, decoded.urls, "http", 202, decoded.priority)
+        return await self._accept(req, decoded.urls, "http", 202, decoded.priority)
 
-    def _sys_purge(self, req: Request) -> Response:
+    async def _sys_purge(self, req: Request) -> Response:
         uris = decode_resource_changes(req.body, self.limits.max_urls_per_batch)
-        return self._accept(req, uris, "changeprop", 201)
+        return await self._accept(req, uris, "changeprop", 201)
 
-    def _purge_one(self, req: Request) -> Response:
+    async def _purge_one(self, req: Request) -> Response:
         target = req.target
         if target.startswith("/"):
             host = req.headers.get("host", "")
@@ -179,7 +183,7 @@ class API:
         except InvalidURL as exc:
             self.service.engine.reject("purge", exc.reason)
             raise HTTPError(400, exc.reason, exc.detail) from None
-        return self._accept(req, [url], "purge", 202, "high")
+        return await self._accept(req, [url], "purge", 202, "high")
 
     async def _status(self, req: Request, batch_id: str) -> Response:
         wait = 0.0

@@ -1,0 +1,539 @@
+"""Trio adapter: the purge journal, the engine's logs on disk as segment files in ``state_dir``.
+
+One writer task appends what the engine reports (``take_appended``) and, every ``checkpoint_interval``, the
+nodes' positions; group commit: every request that arrived while a write was in progress shares the next
+write and ``fsync``. :meth:`Journal.commit` is what the HTTP API awaits before answering, and what it waits for
+depends on ``durability``: ``fsync`` (the data is on disk), ``batch`` (written to the OS; fsync every
+``sync_interval``) or ``none`` (nothing). File I/O runs in worker threads (``trio.to_thread``).
+
+Start (:meth:`Journal.open`, before any listener): replay every segment, truncate a torn or corrupt tail
+(counted, logged, never fatal), restore the engine's lanes, start a new segment with a checkpoint. Segments
+whose entries are all below every node's checkpointed position are deleted. A write error (disk full...) makes
+:meth:`check` refuse new batches with a 503 until a retry succeeds; what the engine holds is still delivered.
+The format itself is :mod:`purged.core.journal_format`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..core.engine import Engine
+from ..core.errors import PurgedError
+from ..core.journal_format import (
+    MAGIC,
+    Replay,
+    decode,
+    encode_appended,
+    encode_checkpoint,
+    encode_entries,
+    encode_reset,
+)
+
+log = logging.getLogger("purged.journal")
+
+SUFFIX = ".seg"
+RETRY_AFTER = 1.0  # seconds between attempts to write again after an error
+SNAPSHOT_CHUNK = 10_000  # entries per record in a rewritten snapshot
+
+
+class JournalError(PurgedError):
+    """The journal cannot take new purges (``disk_full`` or ``journal_error``): answered with a 503."""
+
+    reason = "journal_error"
+    status = 503
+    headers = [("Retry-After", "5")]
+
+
+class JournalSetupError(PurgedError):
+    """The state directory cannot be used at all (not writable, locked by another purged)."""
+
+    reason = "journal_setup"
+
+
+@dataclass
+class JournalStats:
+    bytes_written: int = 0
+    entries_written: int = 0
+    writes: int = 0
+    fsyncs: int = 0
+    sync_seconds: float = 0.0
+    checkpoints: int = 0
+    write_errors: dict[str, int] = field(default_factory=dict)
+    truncated: dict[str, int] = field(default_factory=dict)  # replay: torn/corrupt tails by reason
+    truncated_bytes: int = 0
+    replayed: int = 0  # entries restored at start
+    lost: int = 0  # entries some node needed that a corrupt segment no longer held
+    replay_seconds: float = 0.0
+    segments_deleted: int = 0
+
+
+def _error_reason(exc: OSError) -> str:
+    return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "journal_error"
+
+
+class Journal:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        durability: str = "fsync",
+        *,
+        segment_bytes: int = 16 * 1024 * 1024,
+        sync_interval: float = 0.1,
+        checkpoint_interval: float = 1.0,
+    ):
+        if durability not in ("fsync", "batch", "none"):
+            raise ValueError(f"durability: expected fsync, batch or none, got {durability!r}")
+        self.dir = Path(directory)
+        self.durability = durability
+        self.segment_bytes = segment_bytes
+        self.sync_interval = sync_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.stats = JournalStats()
+        self.error: JournalError | None = None
+        self._engine: Engine | None = None
+        self._wall_offset = 0.0  # wall time - engine time
+        self._segments: dict[int, dict[int, int]] = {}  # segment -> lane -> highest seq in it
+        self._active = 0
+        self._fd: int | None = None
+        self._size = 0
+        self._lock_fd: int | None = None
+        self._pending: list[bytes] = []  # encoded but not yet written (a failed write is retried)
+        self._pending_top: dict[int, int] = {}
+        self._pending_entries = 0
+        self._written_head: list[int] = []  # per lane: one past the highest seq written
+        self._unsynced = False
+        self._roll_needed = False
+        self._last_positions: list[dict[str, int]] | None = None
+        self._checkpoint_at = 0.0
+        self._sync_at = 0.0
+        self._retry_at = 0.0
+        self._started = 0  # flushes begun
+        self._done = 0  # flushes finished, failed or not
+        self._durable = 0  # everything taken by this flush number is written (and synced, with fsync)
+        self._kick = trio.Event()
+        self._flushed = trio.Event()
+        self._lock = trio.Lock()
+        self._closed = False
+
+    # -- start ----------------------------------------------------------------------------------------------
+
+    def open(self, engine: Engine) -> None:
+        """Lock the directory, replay it into ``engine`` (before any submit) and start a new segment."""
+        t0 = time.perf_counter()
+        self._engine = engine
+        self._wall_offset = time.time() - trio.current_time()
+        try:
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JournalSetupError(f"{self.dir} is in use by another purged process") from None
+        except OSError as exc:
+            raise JournalSetupError(f"cannot use state_dir {self.dir}: {exc.strerror or exc}") from None
+        for leftover in self.dir.glob("*.tmp"):  # an unfinished snapshot; the segments it replaced still exist
+            leftover.unlink()
+        numbers = sorted(int(p.stem) for p in self.dir.glob("*" + SUFFIX) if p.stem.isdigit())
+        replay = Replay(lanes=len(engine.lanes))
+        for number in numbers:
+            self._replay_segment(number, replay)
+        plans = replay.plan(list(engine.nodes), -self._wall_offset)
+        if replay.checkpoint is not None:
+            gone = sorted({n for lane in replay.checkpoint.positions for n in lane} - set(engine.nodes))
+            if gone:
+                log.warning("journal: nodes no longer configured, their backlogs dropped: %s", ", ".join(gone))
+        for li, plan in enumerate(plans):
+            engine.restore(li, plan.base, plan.items, plan.positions)
+        engine.record_appends()
+        self._written_head = [lane.log.head for lane in engine.lanes]
+        self.stats.replayed = sum(len(p.items) for p in plans)
+        self.stats.lost = sum(p.lost for p in plans)
+        self._active = (numbers[-1] if numbers else 0) + 1
+        for number in replay.obsolete:
+            self._segments.pop(number, None)
+            self._unlink(number)
+        if any(p.renumbered for p in plans):
+            log.error("journal: %d entries missing (corrupt segment); rewriting the journal as a snapshot",
+                      self.stats.lost)
+            try:
+                self._write_snapshot(engine)
+            except OSError as exc:  # the old segments still hold the old numbering: cannot go on safely
+                raise JournalSetupError(f"cannot rewrite the journal in {self.dir}: {exc.strerror or exc}") from None
+        else:
+            try:
+                self._create_segment(self._active)
+                heads = [lane.log.head for lane in engine.lanes]
+                self._write_blocking(encode_checkpoint(time.time(), engine.positions(), heads), sync=True)
+            except OSError as exc:  # e.g. a full disk: start anyway, deliver what was replayed, answer 503
+                self._failed(exc, trio.current_time())
+                self._roll_needed = True
+        self._last_positions = engine.positions()
+        self._delete_below(self._last_positions)
+        self.stats.replay_seconds = time.perf_counter() - t0
+        log.info(
+            "journal: replayed %d pending purges from %d segments in %.2fs (durability %s)",
+            self.stats.replayed, len(numbers), self.stats.replay_seconds, self.durability,
+        )
+
+    def _path(self, number: int) -> Path:
+        return self.dir / f"{number:016d}{SUFFIX}"
+
+    def _replay_segment(self, number: int, replay: Replay) -> None:
+        path = self._path(number)
+        data = path.read_bytes()
+        records, good, error = decode(data)
+        replay.segment_top.setdefault(number, {})
+        for record in records:
+            replay.add(number, record)
+        self._segments[number] = replay.segment_top[number]
+        if error is None:
+            return
+        self.stats.truncated[error] = self.stats.truncated.get(error, 0) + 1
+        self.stats.truncated_bytes += len(data) - good
+        if good == 0 and error == "bad_magic":
+            path.rename(path.with_name(path.name + ".corrupt"))
+            self._segments.pop(number)
+            log.error("journal: %s is not a journal segment (bad header); renamed to *.corrupt", path.name)
+            return
+        log.warning("journal: %s: %s at byte %d; truncating %d bytes after it", path.name, error, good,
+                    len(data) - good)
+        if good == 0:  # not even a whole header: nothing in it
+            path.unlink()
+            self._segments.pop(number)
+        else:
+            os.truncate(path, good)
+
+    def _write_snapshot(self, engine: Engine) -> None:
+        """Rewrite everything held as one new segment that starts with a reset, then drop the old segments."""
+        number = self._active
+        frames = [MAGIC, encode_reset()]
+        top: dict[int, int] = {}
+        for li, lane in enumerate(engine.lanes):
+            rows = lane.log.entries()
+            for i in range(0, len(rows), SNAPSHOT_CHUNK):
+                chunk = rows[i : i + SNAPSHOT_CHUNK]
+                frames.append(encode_entries(li, chunk[0][0], [e.target for _, e in chunk],
+                                             [e.accepted_at + self._wall_offset for _, e in chunk]))
+            if rows:
+                top[li] = rows[-1][0]
+        frames.append(encode_checkpoint(time.time(), engine.positions(), [lane.log.head for lane in engine.lanes]))
+        tmp = self.dir / f"{number:016d}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            self._write_all(fd, b"".join(frames))
+            os.fsync(fd)
+        except OSError:
+            tmp.unlink()
+            raise
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._path(number))
+        self._sync_dir()
+        for old in list(self._segments):
+            self._unlink(old)
+        self._segments = {number: top}
+        self._fd = os.open(self._path(number), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._size = os.fstat(self._fd).st_size
+
+    # -- blocking file operations (called in worker threads once running) ----------------------------------
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def _sync_dir(self) -> None:
+        if self.durability == "none":
+            return
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _create_segment(self, number: int) -> None:
+        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            self._write_all(fd, MAGIC)
+        except OSError:
+            os.close(fd)
+            os.unlink(self._path(number))
+            raise
+        old, self._fd, self._size, self._active = self._fd, fd, len(MAGIC), number
+        self._segments[number] = {}
+        self._sync_dir()
+        if old is not None:
+            try:
+                if self.durability != "none":
+                    os.fdatasync(old)
+            finally:
+                os.close(old)
+
+    def _write_blocking(self, data: bytes, sync: bool) -> None:
+        assert self._fd is not None
+        if data:
+            try:
+                self._write_all(self._fd, data)
+            except OSError:
+                try:  # cut the partial record so that the next write follows a whole one
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    self._roll_needed = True
+                raise
+            self._size += len(data)
+            self._unsynced = True
+            self.stats.bytes_written += len(data)
+            self.stats.writes += 1
+        if sync and self._unsynced:
+            t0 = time.perf_counter()
+            try:
+                os.fdatasync(self._fd)
+            except OSError:
+                self._roll_needed = True  # after a failed fsync the page cache may not hold the data: rewrite
+                raise
+            self.stats.sync_seconds += time.perf_counter() - t0
+            self.stats.fsyncs += 1
+            self._unsynced = False
+
+    def _unlink(self, number: int) -> None:
+        try:
+            self._path(number).unlink()
+            self.stats.segments_deleted += 1
+        except FileNotFoundError:
+            pass
+
+    def _delete_below(self, positions: list[dict[str, int]]) -> None:
+        """Delete segments whose entries every node has (per the checkpoint just written)."""
+        lows = [min(p.values()) if p else 1 << 62 for p in positions]
+        doomed = [
+            n for n, top in self._segments.items()
+            if n != self._active and all(seq < lows[lane] for lane, seq in top.items() if lane < len(lows))
+        ]
+        for number in doomed:
+            del self._segments[number]
+            self._unlink(number)
+        if doomed:
+            self._sync_dir()
+
+    # -- running ----------------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise :class:`JournalError` while the journal cannot write (the API answers 503)."""
+        if self.error is not None:
+            raise self.error
+
+    def kick(self) -> None:
+        """New entries in the engine: write them soon."""
+        self._kick.set()
+
+    async def commit(self) -> None:
+        """Return once everything submitted so far is as durable as ``durability`` promises."""
+        if self.durability == "none":
+            self._kick.set()
+            return
+        needed = self._started + 1  # a flush under way took its data before ours arrived
+        self._kick.set()
+        while self._done < needed:
+            await self._flushed.wait()
+        if self._durable < needed:
+            raise self.error or JournalError("the journal could not write this batch")
+
+    async def serve(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task; runs until cancelled or :meth:`close`."""
+        task_status.started()
+        while not self._closed:
+            now = trio.current_time()
+            deadline = self._checkpoint_at
+            if self._unsynced and self.durability == "batch":
+                deadline = min(deadline, self._sync_at)
+            if self.error is not None:
+                deadline = min(deadline, self._retry_at)
+            with trio.move_on_at(max(deadline, now)):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            await self.flush()
+
+    async def flush(self, *, final: bool = False) -> None:
+        """Write what the engine appended; a checkpoint when due; fsync per ``durability`` (always if final)."""
+        async with self._lock:
+            self._started += 1
+            number = self._started
+            ok = False
+            try:
+                ok = await self._flush(final)
+            finally:
+                self._done = number
+                if ok:
+                    self._durable = number
+                self._flushed.set()
+                self._flushed = trio.Event()
+
+    async def _flush(self, final: bool) -> bool:
+        engine = self._engine
+        assert engine is not None
+        now = trio.current_time()
+        items = engine.take_appended()
+        if items:
+            frames, top = encode_appended(items, self._wall_offset)
+            self._pending.extend(frames)
+            self._pending_entries += len(items)
+            for lane, seq in top.items():
+                self._pending_top[lane] = max(self._pending_top.get(lane, -1), seq)
+        if self.error is not None:
+            if now < self._retry_at and not final:
+                return False  # still failing: do not hammer the disk; retried every RETRY_AFTER
+            await self._relieve(engine)
+        roll = self._roll_needed or self._fd is None or self._size >= self.segment_bytes
+        positions = None
+        if roll or final or now >= self._checkpoint_at:
+            positions = engine.positions()
+            heads = [lane.log.head for lane in engine.lanes]  # everything below is in this write or before
+            if positions == self._last_positions and not (roll or final or self._pending):
+                positions = None
+            self._checkpoint_at = now + self.checkpoint_interval
+        data = b"".join(self._pending)
+        if positions is not None:
+            data += encode_checkpoint(time.time(), positions, heads)
+        sync = final or self.durability == "fsync" or (self.durability == "batch" and now >= self._sync_at)
+        if positions is not None and self.durability != "none":
+            sync = True  # segments may be deleted on the strength of this checkpoint
+        if not data and not (sync and self._unsynced):
+            return True
+        try:
+            if roll:
+                await trio.to_thread.run_sync(self._create_segment, self._active + 1)
+                self._roll_needed = False
+            await trio.to_thread.run_sync(self._write_blocking, data, sync)
+        except OSError as exc:
+            self._failed(exc, now)
+            return False
+        if sync:
+            self._sync_at = now + self.sync_interval
+        elif self._unsynced and self.durability == "batch" and self._sync_at <= now:
+            self._sync_at = now + self.sync_interval
+        top = self._segments.setdefault(self._active, {})
+        for lane, seq in self._pending_top.items():
+            top[lane] = max(top.get(lane, -1), seq)
+            self._written_head[lane] = max(self._written_head[lane], seq + 1)
+        self.stats.entries_written += self._pending_entries
+        self._pending.clear()
+        self._pending_top.clear()
+        self._pending_entries = 0
+        if self.error is not None:
+            log.warning("journal: writing again after %s", self.error.reason)
+            self.error = None
+        if positions is not None:
+            self.stats.checkpoints += 1
+            self._last_positions = positions
+            try:
+                await trio.to_thread.run_sync(self._delete_below, positions)
+            except OSError as exc:
+                log.warning("journal: deleting old segments failed: %s", exc)
+        return True
+
+    async def _relieve(self, engine: Engine) -> None:
+        """After a write error (a full disk): a small checkpoint of what was written before the pending data,
+        so that segments every node is done with can go and free space for the rest."""
+        if self._roll_needed or self._fd is None:
+            return
+        heads = self._written_head
+        positions = [{n: min(p, heads[li]) for n, p in lane.items()} for li, lane in enumerate(engine.positions())]
+        try:
+            frame = encode_checkpoint(time.time(), positions, list(heads))
+            await trio.to_thread.run_sync(self._write_blocking, frame, True)
+            await trio.to_thread.run_sync(self._delete_below, positions)
+        except OSError:
+            return
+
+    def _failed(self, exc: OSError, now: float) -> None:
+        reason = _error_reason(exc)
+        self.stats.write_errors[reason] = self.stats.write_errors.get(reason, 0) + 1
+        if self.error is None or self.error.reason != reason:
+            log.error("journal: write to %s failed (%s): refusing new batches with 503 until it works again",
+                      self.dir, exc)
+        self.error = JournalError(f"cannot write the journal in {self.dir}: {exc.strerror or exc}", reason=reason)
+        self._retry_at = now + RETRY_AFTER
+
+    async def close(self) -> None:
+        """Final flush and checkpoint (shielded, bounded); what is left is replayed at the next start."""
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            await self.flush(final=True)
+        if self.error is not None:
+            log.error("journal: final checkpoint failed (%s); the next start replays from the last one",
+                      self.error.reason)
+        self.release()
+
+    def release(self) -> None:
+        """Close the files and unlock the directory (idempotent); no flush: see :meth:`close`."""
+        self._closed = True
+        self._kick.set()
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock_fd = None
+
+
+class DurabilityCollector(Collector):
+    """Metric families for the journal, config reloads and nodes removed by a reload."""
+
+    def __init__(self, journal: Callable[[], Journal | None], reloads: Callable[[], dict[str, int]],
+                 removed: Callable[[], dict[tuple[str, str, str], int]]):
+        self._journal, self._reloads, self._removed = journal, reloads, removed
+
+    def collect(self) -> Iterator[Any]:
+        reloads = CounterMetricFamily("purged_config_reloads", "Config reloads (SIGHUP) by result", labels=["result"])
+        for result, count in sorted(self._reloads().items()):
+            reloads.add_metric([result], count)
+        yield reloads
+        dropped = CounterMetricFamily(
+            "purged_purges_dropped", "Purges dropped for a node by a counted policy",
+            labels=["dc", "layer", "node", "reason"],
+        )
+        for (dc, layer, node), count in sorted(self._removed().items()):
+            dropped.add_metric([dc, layer, node, "node_removed"], count)
+        yield dropped
+        journal = self._journal()
+        if journal is None:
+            return
+        s = journal.stats
+        for name, doc, value in (
+            ("bytes_written", "Bytes appended to journal segments", s.bytes_written),
+            ("entries_written", "Purge log entries written to the journal", s.entries_written),
+            ("writes", "Journal write batches (group commits)", s.writes),
+            ("fsyncs", "fsync calls on journal segments", s.fsyncs),
+            ("sync_seconds", "Time spent in fsync", s.sync_seconds),
+            ("checkpoints", "Node position checkpoints written", s.checkpoints),
+            ("segments_deleted", "Segments deleted once every node had their entries", s.segments_deleted),
+            ("truncated_bytes", "Bytes of torn or corrupt segment tails truncated at start", s.truncated_bytes),
+            ("lost_entries", "Entries missing from a corrupt journal at start", s.lost),
+        ):
+            yield CounterMetricFamily(f"purged_journal_{name}", doc, value=value)
+        errors = CounterMetricFamily("purged_journal_write_errors", "Failed journal writes", labels=["reason"])
+        for reason, count in sorted(s.write_errors.items()):
+            errors.add_metric([reason], count)
+        yield errors
+        truncated = CounterMetricFamily(
+            "purged_journal_truncated", "Torn or corrupt segment tails found at start, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(s.truncated.items()):
+            truncated.add_metric([reason], count)
+        yield truncated
+        yield GaugeMetricFamily("purged_journal_writable", "1 while the journal accepts writes, 0 after an error",
+                                value=0 if journal.error else 1)
+        yield GaugeMetricFamily("purged_journal_replayed_entries", "Pending purges restored at start",
+                                value=s.replayed)
+        yield GaugeMetricFamily("purged_journal_replay_seconds", "How long the start-up replay took",
+                                value=s.replay_seconds)
+        yield GaugeMetricFamily("purged_journal_segments", "Segment files held", value=len(journal._segments))
