@@ -9,8 +9,10 @@ on 127.0.0.1 (or plain unicast to 127.0.0.1 with ``--unicast``). Every run is bo
     .venv/bin/python bench/multicast_bench.py --rates 100000 --seconds 5 --senders 3
 
 Per rate it prints the rate the senders achieved, datagrams/s decoded (between the first and last ingest
-call), kernel drops (SO_RXQ_OVFL), the loss the LossTracker estimated from transaction ids, and the
-receiver's CPU time; then the lowest rate at which loss started.
+call), kernel drops (SO_MEMINFO, cross-checked with /proc/net/snmp RcvbufErrors), the loss the LossTracker
+estimated from transaction ids, and the receiver's CPU time; then the lowest rate at which loss started,
+and the receiver's drain capacity alone (datagrams queued while it is stopped, then drained).
+Figures depend on what else the host runs: on a 2-CPU machine the senders and the receiver compete.
 """
 
 from __future__ import annotations
@@ -49,13 +51,13 @@ def run_receiver(group: str, port: int, fmt: str, cpus: set[int] | None) -> None
     if cpus:
         os.sched_setaffinity(0, cpus)
     stats = MulticastStats()
-    times: list[float] = []
+    marks: list[tuple[float, int]] = []  # (time, datagrams decoded) at the first and the latest ingest call
 
     def ingest(targets: list[str], label: str) -> None:
-        if not times:
-            times.append(time.monotonic())
-            times.append(0.0)
-        times[1] = time.monotonic()
+        mark = (time.monotonic(), stats.packets["good"] + len(targets))  # stats are updated before ingest
+        if not marks:
+            marks.append(mark)
+        marks[1:] = [mark]
 
     async def main() -> None:
         listen = MulticastListen(group=group, port=port, interface="127.0.0.1", format=fmt)
@@ -68,15 +70,33 @@ def run_receiver(group: str, port: int, fmt: str, cpus: set[int] | None) -> None
                     break
                 nursery.cancel_scope.cancel()
         st = stats.statistics()
-        first, last = (times + [0.0, 0.0])[:2]
+        (t0, n0), (t1, n1) = (marks + [(0.0, 0), (0.0, 0)])[:2]
         st["cpu_seconds"] = cpu_seconds() - cpu0
-        st["receive_seconds"] = max(last - first, 1e-9)
+        # the first batch was decoded before the first mark: count from it
+        st["decoded_per_s"] = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         print(json.dumps(st), flush=True)
 
     trio.run(main)
 
 
 # -- senders (multiprocessing) ---------------------------------------------------------------------------
+
+
+def sender_socket(source: str) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((source, 0))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)  # never leaves the host
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    return sock
+
+
+def datagram_templates() -> list[bytearray]:
+    """Pre-built datagrams; only the transaction id (bytes 8-11) is patched in per send."""
+    from purged.core.htcp import encode_clr
+
+    return [bytearray(encode_clr(f"http://en.wikipedia.org/wiki/Page_{i}?action=raw", 0)) for i in range(256)]
 
 
 def run_sender(
@@ -89,20 +109,10 @@ def run_sender(
     results,
     cpus: set[int] | None = None,
 ) -> None:
-    from purged.core.htcp import encode_clr
-
     if cpus:
         os.sched_setaffinity(0, cpus)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((source, 0))
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
-    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    # Pre-built datagrams; only the transaction id is patched in per send.
-    templates = [
-        bytearray(encode_clr(f"http://en.wikipedia.org/wiki/Page_{i}?action=raw", 0)) for i in range(256)
-    ]
+    sock = sender_socket(source)
+    templates = datagram_templates()
     pack_into = struct.Struct("!I").pack_into
     sendto = sock.sendto
     seq = sent = errors = 0
@@ -146,12 +156,12 @@ def udp_rcvbuf_errors() -> int:
     return int(values[names.index("RcvbufErrors")])
 
 
-def one_rate(rate: int, seconds: float, senders: int, unicast: bool, pin: bool) -> dict:
-    port = free_port()
-    snmp_before = udp_rcvbuf_errors()
-    group = "127.0.0.1" if unicast else GROUP
-    # Pinned, the receiver has the last CPU to itself and the senders share the rest; unpinned, the
-    # scheduler tends to pull the receiver onto a sender's CPU (the sender's softirq wakes it).
+def start_receiver(group: str, port: int, pin: bool) -> tuple[subprocess.Popen, set[int] | None]:
+    """Start a receiver; return it and the CPUs left for senders.
+
+    Pinned, the receiver has the last CPU to itself and the senders share the rest; unpinned, the scheduler
+    tends to pull the receiver onto a sender's CPU (the sender's softirq wakes it).
+    """
     cpus = sorted(os.sched_getaffinity(0))
     pin = pin and len(cpus) > 1
     recv_cpus, send_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
@@ -160,8 +170,48 @@ def one_rate(rate: int, seconds: float, senders: int, unicast: bool, pin: bool) 
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert receiver.stdout.readline().strip() == "ready"
+    return receiver, send_cpus
+
+
+def stop_receiver(receiver: subprocess.Popen) -> dict:
+    receiver.send_signal(signal.SIGTERM)
+    stats = json.loads(receiver.stdout.readline())
+    receiver.wait(timeout=10)
+    return stats
+
+
+def drain_capacity(unicast: bool, pin: bool, count: int = 9000) -> dict:
+    """Queue ``count`` datagrams while the receiver is stopped (SIGSTOP), then time how fast it drains them.
+
+    This measures the receiver alone: no sender competes for the CPU while it works.
+    """
+    group = "127.0.0.1" if unicast else GROUP
+    port = free_port()
+    receiver, _ = start_receiver(group, port, pin)
     try:
-        assert receiver.stdout.readline().strip() == "ready"
+        receiver.send_signal(signal.SIGSTOP)
+        templates = datagram_templates()
+        with sender_socket("127.0.0.1") as sock:
+            for seq in range(1, count + 1):
+                buf = templates[seq & 255]
+                struct.pack_into("!I", buf, 8, seq)
+                sock.sendto(buf, (group, port))
+        receiver.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+        stats = stop_receiver(receiver)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    return stats
+
+
+def one_rate(rate: int, seconds: float, senders: int, unicast: bool, pin: bool) -> dict:
+    port = free_port()
+    snmp_before = udp_rcvbuf_errors()
+    group = "127.0.0.1" if unicast else GROUP
+    receiver, send_cpus = start_receiver(group, port, pin)
+    try:
         count = int((rate or 400_000) * seconds)  # "max" still stops after a bounded count
         results: multiprocessing.Queue = multiprocessing.Queue()
         start_at = time.monotonic() + 0.3
@@ -187,9 +237,7 @@ def one_rate(rate: int, seconds: float, senders: int, unicast: bool, pin: bool) 
         for p in procs:
             p.join()
         time.sleep(0.5)  # let the receiver drain its buffer
-        receiver.send_signal(signal.SIGTERM)
-        stats = json.loads(receiver.stdout.readline())
-        receiver.wait(timeout=10)
+        stats = stop_receiver(receiver)
         snmp_drops = udp_rcvbuf_errors() - snmp_before
     finally:
         if receiver.poll() is None:
@@ -203,7 +251,7 @@ def one_rate(rate: int, seconds: float, senders: int, unicast: bool, pin: bool) 
         "offered": sent / send_time,
         "sender_cpu": sum(o[3] for o in out),
         "good": stats["packets_good"],
-        "decoded_per_s": stats["packets_good"] / stats["receive_seconds"],
+        "decoded_per_s": stats["decoded_per_s"],
         "kernel_drops": stats["drops_kernel"],
         "snmp_drops": snmp_drops,
         "missing": sent - stats["packets_good"],
@@ -258,6 +306,13 @@ def main() -> None:
         if onset is None and r["missing"] > r["sent"] * 0.001:
             onset = r["offered"]
     print(f"receiver SO_RCVBUF (as getsockopt reports it): {r['rcvbuf']}")
+    for _ in range(3):
+        d = drain_capacity(args.unicast, args.pin)
+        cpu_each = 1e6 * d["cpu_seconds"] / max(d["packets_good"], 1)
+        print(
+            f"drain capacity (receiver alone, {d['packets_good']} queued datagrams): "
+            f"{d['decoded_per_s']:.0f}/s, {cpu_each:.1f} us CPU each"
+        )
     print(
         "loss (>0.1%) starts at an offered rate of " + (f"{onset:.0f}/s" if onset else "none of these rates")
     )
