@@ -29,6 +29,7 @@ def two_dc_config(nodes):
             },
         },
         "sender": {"retry_initial": 0.05, "retry_max": 0.2, "connect_timeout": 1.0},
+        "state_dir": None,  # no journal: the default /var/lib/purged is the host's
     }
 
 
