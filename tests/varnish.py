@@ -91,7 +91,7 @@ _CACHING_CC_COMMAND = (
     'if [ -f "$c" ]; then cp "$c" %o; else (%D) && cp %o "$c.$$" && mv "$c.$$" "$c"; fi'
 )
 
-_LOG_FORMAT = "%{VSL:Timestamp:Start[1]}x\t%m\t%s\t%{Host}i\t%U%q"
+_LOG_FORMAT = "%{Varnish:vxid}x\t%{VSL:Timestamp:Start[1]}x\t%m\t%s\t%{Host}i\t%U%q"
 _LOG_QUERY = f'ReqMethod eq "PURGE" or ReqURL ~ "^{SYNC_PATH}"'
 
 
@@ -114,6 +114,7 @@ class _PurgeFile:
         self.path = path
         self.purges: list[Purge] = []
         self.markers: set[str] = set()
+        self._seen: set[str] = set()  # vxids: a backfill from the head of the log may repeat records
         self._offset = 0
         self._lock = threading.Lock()
 
@@ -127,16 +128,25 @@ class _PurgeFile:
                 return
             end = data.rfind(b"\n") + 1  # a line is complete once its newline is there
             self._offset += end
-            for raw in data[:end].decode("utf-8", "surrogateescape").split("\n"):
-                fields = raw.split("\t", 4)
-                if len(fields) != 5:
-                    continue
-                ts, method, status, host, url = fields
-                if method == "PURGE":
-                    if status == "200":
-                        self.purges.append(Purge(float(ts), "" if host == "-" else host, url))
-                elif url.startswith(SYNC_PATH):
-                    self.markers.add(url)
+            self.parse(data[:end])
+
+    def parse(self, data: bytes) -> None:
+        for raw in data.decode("utf-8", "surrogateescape").split("\n"):
+            fields = raw.split("\t", 5)
+            if len(fields) != 6 or fields[0] in self._seen:
+                continue
+            vxid, ts, method, status, host, url = fields
+            self._seen.add(vxid)
+            if method == "PURGE":
+                if status == "200":
+                    self.purges.append(Purge(float(ts), "" if host == "-" else host, url))
+            elif url.startswith(SYNC_PATH):
+                self.markers.add(url)
+
+    def backfill(self, data: bytes) -> None:
+        """Add records read from the head of the shared memory log (``varnishncsa -d``)."""
+        with self._lock:
+            self.parse(data[: data.rfind(b"\n") + 1])
 
 
 def _pgroup_members(pgid: int, zombies: bool = True) -> list[int]:
@@ -513,10 +523,22 @@ class VarnishNode:
         """Wait until the reader's file holds every purge MAIN.n_purges counts (node running)."""
         target = self.n_purges()
         deadline = time.monotonic() + timeout
+        backfill_at = time.monotonic() + 1.0
         while self._logged_count() < target:
             if time.monotonic() > deadline:
                 raise self._lag_error(target)
+            if time.monotonic() > backfill_at:
+                # The reader attaches only after the port is up: a client that was already retrying (a
+                # daemon under test) can get purges in before it. Those are still in the shared memory
+                # log: read it from its head once.
+                backfill_at = float("inf")
+                self._backfill()
             time.sleep(0.005)
+
+    def _backfill(self) -> None:
+        argv = [VARNISHNCSA, "-n", str(self.instance_dir), "-t", "5", "-d", "-q", _LOG_QUERY, "-F", _LOG_FORMAT]
+        out = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        self._files[-1].backfill(out.stdout)
 
     def _lag_error(self, target: int) -> VarnishError:
         return VarnishError(
