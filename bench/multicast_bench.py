@@ -124,7 +124,8 @@ def run_sender(
         now = time.monotonic()
         if now > deadline:
             break
-        due = min(count, int((now - t0) * rate) + 64) if rate else count
+        # at most 1024 per burst, so that the deadline is checked even when the sender falls behind
+        due = min(count, int((now - t0) * rate) + 64 if rate else count, sent + 1024)
         if due <= sent:
             time.sleep(0.0002)
             continue
