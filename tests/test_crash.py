@@ -57,7 +57,9 @@ async def _storm(purged: PurgedProcess, round_: int, accepted: set[str], kill_af
 
 @pytest.mark.skipif(not os.access(VARNISHD, os.X_OK), reason="varnishd is not installed")
 def test_sigkill_mid_storm_loses_no_accepted_purge(tmp_path):
-    rng = random.Random(int(time.time()))
+    seed = int(time.time())
+    print(f"seed {seed}")
+    rng = random.Random(seed)
     nodes = [VarnishNode(tmp_path / f"edge{i}", port=free_port(), params={"vsl_space": "256M"}) for i in range(2)]
     # One data centre, backend before frontend: tier order is replayed too.
     tiers = [[nodes[0].address], [nodes[1].address]]

@@ -319,3 +319,43 @@ def test_config_new_keys_and_their_errors():
     for needle in ("state_dir: expected a non-empty string", "durability: expected one of fsync, batch, none",
                    "journal.segment_bytes: must be >= 65536", "journal.x: unknown key"):
         assert needle in text, text
+
+
+async def test_watchdog_pings_stop_while_the_loop_is_blocked(tmp_path, monkeypatch):
+    from daemon_helpers import config_for, running_daemon
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    pings: list[float] = []
+
+    async def collect():
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    msg = sock.recv(4096)
+                except BlockingIOError:
+                    break
+                if msg == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            async with running_daemon(config_for({"a": [["127.0.0.1:9"]]}, state_dir=str(tmp_path / "s"))):
+                await trio.sleep(0.5)
+                blocked_at = time.monotonic()
+                time.sleep(1.0)  # the whole trio loop is stuck: no task runs, the watchdog included
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
+    before = [t for t in pings if t < blocked_at]
+    after = [t for t in pings if t > blocked_at]
+    assert len(before) >= 3 and after
+    assert after[0] - blocked_at >= 0.95  # nothing while blocked: systemd would kill us past WatchdogSec
+    assert max(b - a for a, b in zip(before, before[1:], strict=False)) < 0.5

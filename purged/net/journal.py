@@ -398,6 +398,12 @@ class Journal:
     async def _flush(self, final: bool) -> bool:
         engine = self._engine
         assert engine is not None
+        if self.error is not None:
+            if trio.current_time() < self._retry_at and not final:
+                return False  # still failing: do not hammer the disk; retried every RETRY_AFTER
+            await self._relieve(engine)
+        # From here to the first await, one synchronous step: the entries taken and the positions checkpointed
+        # describe the same moment, so no checkpoint names a position past the entries written before it.
         now = trio.current_time()
         items = engine.take_appended()
         if items:
@@ -406,10 +412,6 @@ class Journal:
             self._pending_entries += len(items)
             for lane, seq in top.items():
                 self._pending_top[lane] = max(self._pending_top.get(lane, -1), seq)
-        if self.error is not None:
-            if now < self._retry_at and not final:
-                return False  # still failing: do not hammer the disk; retried every RETRY_AFTER
-            await self._relieve(engine)
         roll = self._roll_needed or self._fd is None or self._size >= self.segment_bytes
         positions = None
         if roll or final or now >= self._checkpoint_at:
@@ -435,8 +437,6 @@ class Journal:
             self._failed(exc, now)
             return False
         if sync:
-            self._sync_at = now + self.sync_interval
-        elif self._unsynced and self.durability == "batch" and self._sync_at <= now:
             self._sync_at = now + self.sync_interval
         top = self._segments.setdefault(self._active, {})
         for lane, seq in self._pending_top.items():
