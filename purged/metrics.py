@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .core.engine import LATENCY_BUCKETS, Engine
+from .core.engine import Engine
 
 NODE_LABELS = ["dc", "layer", "node"]
 
@@ -102,12 +102,9 @@ class EngineCollector(Collector):
         latency = HistogramMetricFamily(
             "purged_purge_latency_seconds", "From accepting a purge to a node acknowledging it", labels=["dc", "layer"]
         )
-        for (dc, layer), (counts, total) in sorted(stats["latency"].items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(LATENCY_BUCKETS, counts, strict=True):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            latency.add_metric([dc, layer], buckets, total)
+        for (dc, layer), hist in sorted(stats["latency"].items()):
+            buckets = [("+Inf" if b == float("inf") else repr(b), n) for b, n in hist.cumulative()]
+            latency.add_metric([dc, layer], buckets, hist.total)
         yield latency
         yield GaugeMetricFamily("purged_log_entries", "Entries held in the purge log", value=stats["log_entries"])
         yield GaugeMetricFamily(

@@ -153,8 +153,9 @@ def test_backlog_counts_per_node_and_latency():
     assert e.backlog("b1") == 10 and e.backlog("b3") == 10
     drain(e, "b3", 2.0)
     assert e.backlog("b3") == 0
-    (counts, total) = e.latency[("b", "backend")]
-    assert sum(counts) == 10 and total == 20.0
+    hist = e.latency[("b", "backend")]
+    assert hist.cumulative()[-1] == (float("inf"), 10) and hist.total == 20.0
+    assert dict(hist.cumulative())[2.5] == 10 and dict(hist.cumulative())[1.0] == 0
 
 
 def test_core_imports_no_io_modules():

@@ -16,39 +16,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .errors import Overloaded
+from .histogram import LATENCY_BUCKETS, Histogram
 from .lane import Lane
-from .limits import DedupWindow, TokenBucket
+from .limits import TokenBucket
+from .node import Node, NodeStats, Policy, classify
 from .topology import Topology
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, float("inf"))
+__all__ = ["BULK", "HIGH", "LANES", "LATENCY_BUCKETS", "Engine", "Node", "NodeStats", "Policy", "Receipt", "classify"]
+
 LANES = ("high", "bulk")  # drained in this order
 HIGH, BULK = 0, 1
-
-
-def classify(status: int) -> str:
-    """What a node's answer means: ``ok`` (2xx, or 404 as ATS answers for an object it lacks), ``retry``
-    (5xx, 408, 429: the node may do better later) or ``error`` (other codes: a misconfigured edge; retrying
-    would not help)."""
-    if 200 <= status < 300 or status == 404:
-        return "ok"
-    if status >= 500 or status in (408, 429):
-        return "retry"
-    return "error"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """Engine-wide knobs (from the config); 0 disables a limit."""
-
-    retry_initial: float = 0.1
-    retry_max: float = 30.0
-    down_after: int = 5
-    dedup_window: float = 0.0
-    linger: float = 0.0
-    max_pending: int = 0  # unique pending URLs; past it submit() raises Overloaded
-    max_lag: int = 0  # a node owing more purges than this is declared out of sync
-    max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it
-    recent_batches: int = 100_000
 
 
 @dataclass
@@ -64,36 +41,6 @@ class _Batch:
     hi: int  # one past the highest seq holding one of its purges
     accepted: int
     created: float
-
-
-@dataclass
-class NodeStats:
-    sent: int = 0
-    responses: dict[int, int] = field(default_factory=dict)
-    retries: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # connection failures by type
-    gave_up: int = 0  # answered with an error status: counted, not retried
-    deferred: int = 0  # held back by the dedup window
-    rate_limited: int = 0  # times the node had work but no tokens
-    dropped: dict[str, int] = field(default_factory=dict)  # by policy: max_age, max_lag
-    resyncs: int = 0
-
-
-class Node:
-    """Node-wide state that spans lanes: what is in flight, retries, health, rate, dedup window, counters."""
-
-    def __init__(self, name: str, dc_index: int, tier_index: int, bucket: TokenBucket, window: float):
-        self.name = name
-        self.dc_index, self.tier_index = dc_index, tier_index
-        self.dc_bit = 1 << dc_index
-        self.inflight: set[int] = set()
-        self.retries: list[tuple[float, int]] = []  # heap of (due, id): retries and dedup deferrals
-        self.failures = 0  # consecutive
-        self.down = False
-        self.out_of_sync = False
-        self.bucket = bucket
-        self.dedup = DedupWindow(window) if window > 0 else None
-        self.stats = NodeStats()
 
 
 @dataclass
@@ -131,7 +78,7 @@ class Engine:
         self._batch_prefix = batch_prefix
         self._batch_counter = 0
         self.sources: dict[str, _SourceStats] = {}
-        self.latency: dict[tuple[str, str], list] = {}  # (dc, tier) -> [bucket counts, sum]
+        self.latency: dict[tuple[str, str], Histogram] = {}  # (dc, tier) -> accept-to-ack seconds
         self._acks_since_trim = 0
         self._next_maintenance = now + 1.0 if policy.max_lag else None
         self.gates_changed = False  # a gate opened or a deferral fell due: the I/O layer wakes senders
@@ -444,12 +391,8 @@ class Engine:
         key = (dc.name, dc.tiers[node.tier_index].name)
         hist = self.latency.get(key)
         if hist is None:
-            hist = self.latency[key] = [[0] * len(LATENCY_BUCKETS), 0.0]
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                hist[0][i] += 1
-                break
-        hist[1] += seconds
+            hist = self.latency[key] = Histogram()
+        hist.observe(seconds)
 
     def backlog(self, name: str) -> int:
         """Purges meant for this node that it has not acknowledged yet (all lanes)."""
