@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -18,12 +20,15 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import Config, ConfigError, load_config
 from .core.engine import Engine, Policy, Receipt
+from .core.errors import Overloaded
+from .core.limits import TokenBucket
 from .core.reload import reconfigure
 from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import EngineCollector
+from .metrics import EngineCollector, MulticastCollector
 from .net import systemd
 from .net.http_api import API, serve_http
 from .net.journal import DurabilityCollector, Journal, JournalError
+from .net.multicast import MulticastStats, serve_multicast
 from .net.sender import NodeSender
 
 log = logging.getLogger("purged")
@@ -101,6 +106,8 @@ class Service:
         self._sender_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.reloads = {"ok": 0, "error": 0}
         self.removed_drops: dict[tuple[str, str, str], int] = {}  # (dc, tier, node) -> backlog dropped
+        self.multicast: dict[str, MulticastStats] = {}  # "group:port" -> its listener's counters
+        self.registry.register(MulticastCollector(lambda: self.multicast))
         self.registry.register(DurabilityCollector(lambda: self.journal, lambda: self.reloads,
                                                    lambda: self.removed_drops))
 
@@ -110,6 +117,27 @@ class Service:
         if self.journal is not None:
             self.journal.kick()
         return receipt
+
+    def multicast_ingest(self, listen) -> Callable[[list[str], str], None]:
+        """The ingest callback of one multicast listener. Datagrams cannot be pushed back: over the group's
+        ``rate`` or the ``max_pending`` ceiling the purges are dropped, counted (reason ``overload``) and the
+        listener logs it. Not awaited on the journal either: ``durability`` batches them with the next write."""
+        source = f"multicast:{listen.group}:{listen.port}"
+        bucket = TokenBucket(listen.rate, listen.burst or listen.rate, trio.current_time()) if listen.rate else None
+
+        def ingest(targets: list[str], sender: str) -> None:
+            if bucket is not None:
+                now = trio.current_time()
+                if bucket.available(now) < min(len(targets), bucket.burst):
+                    self.engine.reject(source, "rate_limited", len(targets))
+                    raise Overloaded(f"{source} is over its rate of {listen.rate:g} purges/s", reason="rate_limited")
+                bucket.consume(len(targets), now)
+            if self.journal is not None and self.journal.error is not None:
+                self.engine.reject(source, self.journal.error.reason, len(targets))
+                raise Overloaded("the journal cannot write", reason=self.journal.error.reason)
+            self.submit(targets, source)
+
+        return ingest
 
     async def accept(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
         """:meth:`submit`, then wait until the journal holds the batch as ``durability`` promises. Raises
@@ -274,10 +302,17 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 for tier in dc.tiers:
                     for address in tier.nodes:
                         await service.start_sender(address)
-            intake = trio.CancelScope()
+            intake: list[trio.CancelScope] = []  # one per intake server: SIGTERM cancels them all
             service.api = API(service)
+            for i, listen in enumerate(config.listen.multicast):
+                stats = service.multicast[f"{listen.group}:{listen.port}"] = MulticastStats()
+                serve = partial(serve_multicast, listen, service.multicast_ingest(listen), stats,
+                                key=f"listen.multicast[{i}]", max_url_length=config.limits.max_url_length)
+                await nursery.start(_in_scope, intake, serve)
             if config.listen.http is not None:
-                listeners = await nursery.start(_run_intake, intake, service.api, config.listen.http)
+                listeners = await nursery.start(_in_scope, intake, partial(serve_http, service.api,
+                                                                            config.listen.http.host,
+                                                                            config.listen.http.port))
                 service.http_port = listeners[0].socket.getsockname()[1]
             log.info(
                 "purged ready: http %s, %d nodes in %d data centres, journal %s",
@@ -298,7 +333,8 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 systemd.stopping()
                 systemd.extend_timeout(timeout + 5)
                 service.accepting = False
-                intake.cancel()
+                for scope in intake:
+                    scope.cancel()
                 await _drain(service, timeout)
                 if service.journal is not None:
                     await service.journal.close()  # what is left is replayed at the next start
@@ -324,9 +360,12 @@ async def _reload(service: Service, path: str | None) -> None:
     systemd.ready(f"{len(service.senders)} nodes")
 
 
-async def _run_intake(scope: trio.CancelScope, api: API, address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    with scope:
-        await serve_http(api, address.host, address.port, task_status=task_status)
+async def _in_scope(scopes: list, serve, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run an intake server in a cancel scope of its own, listed in ``scopes``: SIGTERM cancels every intake
+    at once while the senders keep going."""
+    with trio.CancelScope() as scope:
+        scopes.append(scope)
+        await serve(task_status=task_status)
 
 
 async def _drain(service: Service, timeout: float) -> None:

@@ -112,3 +112,43 @@ class EngineCollector(Collector):
         )
         yield CounterMetricFamily("purged_batches", "Batches accepted", value=stats["batches"])
         yield from self._extra()
+
+
+class MulticastCollector(Collector):
+    """Multicast listeners' counters (``MulticastStats.statistics()``), labelled by ``group`` (``addr:port``).
+    Names continue Go purged's ``purged_htcp_packets_total{state}`` and ``purged_udp_bytes_read_total``;
+    docs/wire.md maps each statistic to its family."""
+
+    def __init__(self, stats_fn: Callable[[], dict]):
+        self._stats = stats_fn  # group -> MulticastStats
+
+    def collect(self) -> Iterator[Any]:
+        groups = {group: st.statistics() for group, st in sorted(self._stats().items())}
+        if not groups:
+            return
+
+        def family(cls: type, name: str, doc: str, extra: list[str] | None = None) -> Any:
+            return cls(name, doc, labels=["group"] + (extra or []))
+
+        packets = family(CounterMetricFamily, "purged_htcp_packets", "Datagrams received, by state", ["state"])
+        read = family(CounterMetricFamily, "purged_udp_bytes_read", "Bytes of datagrams read")
+        urls = family(CounterMetricFamily, "purged_multicast_urls", "Purges from datagrams handed to the log")
+        dropped = family(CounterMetricFamily, "purged_multicast_dropped", "Dropped, by reason", ["reason"])
+        malformed = family(CounterMetricFamily, "purged_multicast_malformed", "Undecodable datagrams", ["reason"])
+        rcvbuf = family(GaugeMetricFamily, "purged_udp_receive_buffer_bytes", "SO_RCVBUF as the kernel granted it")
+        seq = family(CounterMetricFamily, "purged_multicast_seq", "Sequence number accounting per source", ["kind"])
+        for group, st in groups.items():
+            for key, value in st.items():
+                kind, _, rest = key.partition("_")
+                if kind == "packets":
+                    packets.add_metric([group, rest], value)
+                elif kind == "drops":
+                    dropped.add_metric([group, rest], value)
+                elif kind == "malformed":
+                    malformed.add_metric([group, rest], value)
+                elif kind == "loss" and rest in ("lost", "duplicates", "reordered", "resets", "received"):
+                    seq.add_metric([group, rest], value)
+            read.add_metric([group], st["bytes_read"])
+            urls.add_metric([group], st["urls_accepted"])
+            rcvbuf.add_metric([group], st["rcvbuf_bytes"])
+        yield from (packets, read, urls, dropped, malformed, rcvbuf, seq)

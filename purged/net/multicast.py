@@ -15,10 +15,10 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
+from ..config import MulticastListen
 from ..core.batchcodec import decode_batch
 from ..core.errors import DecodeError, InvalidURL, Overloaded
 from ..core.htcp import decode_clr
@@ -36,18 +36,6 @@ LINGER = 0.002  # 2 ms: next to a purge's journey (~1 s tier delay) nothing, to 
 
 PACKET_STATES = ("good", "bad", "filtered")
 DROP_REASONS = ("malformed", "source", "overload", "kernel", "invalid_url")
-
-
-@dataclass(frozen=True)
-class MulticastListen:
-    """One ``listen.multicast[i]`` entry (``purged.config`` builds the same shape)."""
-
-    group: str
-    port: int
-    interface: str = "0.0.0.0"  # the address (or name) of the interface to join on; 0.0.0.0: the kernel picks
-    format: str = "htcp"  # or "msgpack"
-    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: accept every sender
-    rcvbuf: int = 8 * 1024 * 1024
 
 
 class MulticastSetupError(OSError):
@@ -108,7 +96,7 @@ class _RateLimitedLog:
         self._log.warning(msg, *args)
 
 
-def open_multicast_socket(listen, key: str) -> socket.socket:
+def open_multicast_socket(listen: MulticastListen, key: str) -> socket.socket:
     """Bind and join as ``listen`` says; return the non-blocking socket.
 
     A ``group`` that is not a multicast address is bound as plain unicast (no join): handy on hosts where
@@ -208,7 +196,7 @@ class _SourceFilter:
 
 
 async def serve_multicast(
-    listen,
+    listen: MulticastListen,
     ingest: Callable[[list[str], str], None],
     stats: MulticastStats,
     *,
