@@ -1,0 +1,84 @@
+"""URL validation: accepted forms, every rejection reason, and the fast path agreeing with the general one."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from purged.core.errors import InvalidURL
+from purged.core.urls import _parse_url, parse_url, split_target, validate_host
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("https://en.wikipedia.org/wiki/Foo?x=1", "en.wikipedia.org/wiki/Foo?x=1"),
+        ("http://en.wikipedia.org/wiki/Foo#frag", "en.wikipedia.org/wiki/Foo"),
+        ("//EN.Wikipedia.org", "en.wikipedia.org/"),
+        ("HTTPS://h.org/A%20B", "h.org/A%20B"),
+        ("http://h.org:8080/x", "h.org:8080/x"),
+        ("http://[::1]:80/x", "[::1]:80/x"),
+        ("http://h.org?q", "h.org/?q"),
+        ("https://h.org/wiki/Café", "h.org/wiki/Caf%C3%A9"),
+        ("http://bücher.example/x", "xn--bcher-kva.example/x"),
+    ],
+)
+def test_accepted(url, target):
+    assert parse_url(url) == target
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("", "empty"),
+        (None, "missing_url"),
+        (42, "not_a_string"),
+        ("ftp://h.org/", "bad_scheme"),
+        ("h.org/x", "bad_scheme"),
+        ("http://u:p@h.org/", "userinfo"),
+        ("http://h.org/a\r\nX-Injected: 1", "control_char"),
+        ("http://h.org/a b", "control_char"),
+        ("http://h.org/\x00", "control_char"),
+        ("http://h\n.org/", "control_char"),
+        ("http://-h.org/", "bad_host"),
+        ("http://h..org/", "bad_host"),
+        ("http:///x", "bad_host"),
+        ("http://h.org:0/", "bad_port"),
+        ("http://h.org:99999/", "bad_port"),
+        ("http://h.org:x/", "bad_port"),
+        ("http://" + "a" * 300 + "/", "bad_host"),
+        ("http://h.org/" + "a" * 9000, "too_long"),
+    ],
+)
+def test_rejected(url, reason):
+    with pytest.raises(InvalidURL) as info:
+        parse_url(url)
+    assert info.value.reason == reason
+
+
+def test_bare_host_only_where_allowed():
+    assert parse_url("test.com", allow_bare_host=True) == "test.com/"
+    with pytest.raises(InvalidURL):
+        parse_url("test.com")
+
+
+def test_split_target_and_hosts():
+    assert split_target("h.org:81/a/b?c") == ("h.org:81", "/a/b?c")
+    assert validate_host("EXAMPLE.org:080") == "example.org:80"
+    for bad in ("a b", "a\r", "", "a@b"):
+        with pytest.raises(InvalidURL):
+            validate_host(bad)
+
+
+ALPHABET = st.sampled_from(list("ab.-_:/?#%@[]AZ09 \r\n\x00\x7fé") + ["http://", "https://", "//", "HTTP://"])
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(ALPHABET, max_size=12).map("".join), st.booleans())
+def test_fast_path_agrees_with_the_general_path(url, bare):
+    def outcome(fn):
+        try:
+            return fn()
+        except InvalidURL as exc:
+            return ("error", exc.reason)
+
+    assert outcome(lambda: parse_url(url, allow_bare_host=bare)) == outcome(lambda: _parse_url(url, 8192, bare))
