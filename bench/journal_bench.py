@@ -212,6 +212,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--skip-replay", action="store_true")
     p.add_argument("--skip-accept", action="store_true")
+    p.add_argument("--modes", default="fsync,batch,none,off", help="accept runs to do (off: no journal)")
     p.add_argument("--replay-once", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.replay_once:
@@ -242,7 +243,7 @@ def main() -> None:
     if not args.skip_accept:
         print(f"accept rate: POST /v1/purge, 1000 URLs per batch, {args.clients} concurrent clients, "
               f"{args.seconds:g} s per run")
-        for mode in ("fsync", "batch", "none", None):
+        for mode in [None if m == "off" else m for m in args.modes.split(",")]:
             rates = []
             for r in range(args.repeat):
                 rate, metrics = accept_rate(mode, args.seconds, args.clients)
