@@ -80,6 +80,20 @@ class EngineCollector(Collector):
         yield node_family(CounterMetricFamily, "purged_node_errors",
                           "PURGEs answered with an error status that is not retried (4xx other than 404)",
                           lambda n, s: ns_[n].gave_up)
+        yield node_family(CounterMetricFamily, "purged_node_deferred",
+                          "Purges held back to the end of the dedup window", lambda n, s: ns_[n].deferred)
+        yield node_family(CounterMetricFamily, "purged_node_rate_limited",
+                          "Times a node had work but no rate-limit tokens", lambda n, s: ns_[n].rate_limited)
+        yield node_family(CounterMetricFamily, "purged_node_resyncs",
+                          "Times a node was declared out of sync (max_lag)", lambda n, s: ns_[n].resyncs)
+        node_dropped = CounterMetricFamily(
+            "purged_node_dropped", "Purges dropped for a node by a policy (max_lag, max_age)",
+            labels=NODE_LABELS + ["reason"],
+        )
+        for node, ns in stats["node_stats"].items():
+            for reason, count in sorted(ns.dropped.items()):
+                node_dropped.add_metric([nodes[node]["dc"], nodes[node]["tier"], node, reason], count)
+        yield node_dropped
 
         fams = {
             "received": CounterMetricFamily("purged_purges_received", "Purges received, by source", labels=["source"]),
