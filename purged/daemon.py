@@ -24,10 +24,10 @@ from .core.errors import Overloaded
 from .core.limits import TokenBucket
 from .core.reload import reconfigure
 from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import EngineCollector, MulticastCollector
+from .metrics import EngineCollector, JournalCollector, MulticastCollector
 from .net import systemd
 from .net.http_api import API, serve_http
-from .net.journal import DurabilityCollector, Journal, JournalError
+from .net.journal import Journal, JournalError
 from .net.multicast import MulticastStats, serve_multicast
 from .net.sender import NodeSender
 
@@ -99,7 +99,6 @@ class Service:
         self.http_port: int | None = None
         self.accepting = True
         self.heartbeat = trio.current_time()
-        self.registry.register(EngineCollector(lambda: self.engine, trio.current_time))
         self.journal: Journal | None = None
         self.api: API | None = None
         self.nursery: trio.Nursery | None = None  # where senders run (set by serve)
@@ -108,8 +107,8 @@ class Service:
         self.removed_drops: dict[tuple[str, str, str], int] = {}  # (dc, tier, node) -> backlog dropped
         self.multicast: dict[str, MulticastStats] = {}  # "group:port" -> its listener's counters
         self.registry.register(MulticastCollector(lambda: self.multicast))
-        self.registry.register(DurabilityCollector(lambda: self.journal, lambda: self.reloads,
-                                                   lambda: self.removed_drops))
+        self.registry.register(EngineCollector(lambda: self.engine, trio.current_time, lambda: self.removed_drops))
+        self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
 
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
         receipt = self.engine.submit(targets, trio.current_time(), source, priority)

@@ -19,10 +19,15 @@ NODE_LABELS = ["dc", "layer", "node"]
 
 
 class EngineCollector(Collector):
-    def __init__(self, engine_fn: Callable[[], Engine], now: Callable[[], float], extra: Callable[[], list] = list):
+    def __init__(
+        self,
+        engine_fn: Callable[[], Engine],
+        now: Callable[[], float],
+        removed: Callable[[], dict[tuple[str, str, str], int]] = dict,
+    ):
         self._engine = engine_fn  # a callable: a config reload may swap the engine's parts
         self._now = now
-        self._extra = extra  # more families from adapters (multicast, senders)
+        self._removed = removed  # (dc, layer, node) -> backlog dropped when a reload removed the node
 
     def collect(self) -> Iterator[Any]:
         engine = self._engine()
@@ -87,12 +92,14 @@ class EngineCollector(Collector):
         yield node_family(CounterMetricFamily, "purged_node_resyncs",
                           "Times a node was declared out of sync (max_lag)", lambda n, s: ns_[n].resyncs)
         node_dropped = CounterMetricFamily(
-            "purged_node_dropped", "Purges dropped for a node by a policy (max_lag, max_age)",
+            "purged_node_dropped", "Purges dropped for a node by a policy (max_lag, max_age, node_removed)",
             labels=NODE_LABELS + ["reason"],
         )
         for node, ns in stats["node_stats"].items():
             for reason, count in sorted(ns.dropped.items()):
                 node_dropped.add_metric([nodes[node]["dc"], nodes[node]["tier"], node, reason], count)
+        for (dc, layer, node), count in sorted(self._removed().items()):
+            node_dropped.add_metric([dc, layer, node, "node_removed"], count)
         yield node_dropped
 
         fams = {
@@ -125,7 +132,6 @@ class EngineCollector(Collector):
             "purged_unique_pending", "Unique URLs some node has not been sent yet", value=stats["unique_pending"]
         )
         yield CounterMetricFamily("purged_batches", "Batches accepted", value=stats["batches"])
-        yield from self._extra()
 
 
 class MulticastCollector(Collector):
@@ -166,3 +172,49 @@ class MulticastCollector(Collector):
             urls.add_metric([group], st["urls_accepted"])
             rcvbuf.add_metric([group], st["rcvbuf_bytes"])
         yield from (packets, read, urls, dropped, malformed, rcvbuf, seq)
+
+
+class JournalCollector(Collector):
+    """Metric families for the journal (docs/durability.md) and config reloads."""
+
+    def __init__(self, journal: Callable[[], Any], reloads: Callable[[], dict[str, int]]):
+        self._journal, self._reloads = journal, reloads  # the journal may be None (no state_dir)
+
+    def collect(self) -> Iterator[Any]:
+        reloads = CounterMetricFamily("purged_config_reloads", "Config reloads (SIGHUP) by result", labels=["result"])
+        for result, count in sorted(self._reloads().items()):
+            reloads.add_metric([result], count)
+        yield reloads
+        journal = self._journal()
+        if journal is None:
+            return
+        s = journal.stats
+        for name, doc, value in (
+            ("bytes_written", "Bytes appended to journal segments", s.bytes_written),
+            ("entries_written", "Purge log entries written to the journal", s.entries_written),
+            ("writes", "Journal write batches (group commits)", s.writes),
+            ("fsyncs", "fsync calls on journal segments", s.fsyncs),
+            ("sync_seconds", "Time spent in fsync", s.sync_seconds),
+            ("checkpoints", "Node position checkpoints written", s.checkpoints),
+            ("segments_deleted", "Segments deleted once every node had their entries", s.segments_deleted),
+            ("truncated_bytes", "Bytes of torn or corrupt segment tails truncated at start", s.truncated_bytes),
+            ("lost_entries", "Entries missing from a corrupt journal at start", s.lost),
+        ):
+            yield CounterMetricFamily(f"purged_journal_{name}", doc, value=value)
+        errors = CounterMetricFamily("purged_journal_write_errors", "Failed journal writes", labels=["reason"])
+        for reason, count in sorted(s.write_errors.items()):
+            errors.add_metric([reason], count)
+        yield errors
+        truncated = CounterMetricFamily(
+            "purged_journal_truncated", "Torn or corrupt segment tails found at start, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(s.truncated.items()):
+            truncated.add_metric([reason], count)
+        yield truncated
+        yield GaugeMetricFamily("purged_journal_writable", "1 while the journal accepts writes, 0 after an error",
+                                value=0 if journal.error else 1)
+        yield GaugeMetricFamily("purged_journal_replayed_entries", "Pending purges restored at start",
+                                value=s.replayed)
+        yield GaugeMetricFamily("purged_journal_replay_seconds", "How long the start-up replay took",
+                                value=s.replay_seconds)
+        yield GaugeMetricFamily("purged_journal_segments", "Segment files held", value=journal.segment_count)

@@ -185,7 +185,7 @@ def test_notify_ready_after_replay_then_reload_then_stop(tmp_path):
         health = httpx.get(purged.url + "/healthz", timeout=5).json()
         assert {n: s["backlog"] for n, s in health["nodes"].items()} == {dead[0]: 5000, added: 0}
         text = httpx.get(purged.url + "/metrics", timeout=5).text
-        removed = f'purged_purges_dropped_total{{dc="a",layer="t0",node="{dead[1]}",reason="node_removed"}}'
+        removed = f'purged_node_dropped_total{{dc="a",layer="t0",node="{dead[1]}",reason="node_removed"}}'
         assert metric(text, removed) == 5000
         assert metric(text, 'purged_config_reloads_total{result="ok"}') == 1
 

@@ -21,14 +21,10 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from ..core.engine import Engine
 from ..core.errors import PurgedError
@@ -499,56 +495,6 @@ class Journal:
                 os.close(fd)
         self._fd = self._lock_fd = None
 
-
-class DurabilityCollector(Collector):
-    """Metric families for the journal, config reloads and nodes removed by a reload."""
-
-    def __init__(self, journal: Callable[[], Journal | None], reloads: Callable[[], dict[str, int]],
-                 removed: Callable[[], dict[tuple[str, str, str], int]]):
-        self._journal, self._reloads, self._removed = journal, reloads, removed
-
-    def collect(self) -> Iterator[Any]:
-        reloads = CounterMetricFamily("purged_config_reloads", "Config reloads (SIGHUP) by result", labels=["result"])
-        for result, count in sorted(self._reloads().items()):
-            reloads.add_metric([result], count)
-        yield reloads
-        dropped = CounterMetricFamily(
-            "purged_purges_dropped", "Purges dropped for a node by a counted policy",
-            labels=["dc", "layer", "node", "reason"],
-        )
-        for (dc, layer, node), count in sorted(self._removed().items()):
-            dropped.add_metric([dc, layer, node, "node_removed"], count)
-        yield dropped
-        journal = self._journal()
-        if journal is None:
-            return
-        s = journal.stats
-        for name, doc, value in (
-            ("bytes_written", "Bytes appended to journal segments", s.bytes_written),
-            ("entries_written", "Purge log entries written to the journal", s.entries_written),
-            ("writes", "Journal write batches (group commits)", s.writes),
-            ("fsyncs", "fsync calls on journal segments", s.fsyncs),
-            ("sync_seconds", "Time spent in fsync", s.sync_seconds),
-            ("checkpoints", "Node position checkpoints written", s.checkpoints),
-            ("segments_deleted", "Segments deleted once every node had their entries", s.segments_deleted),
-            ("truncated_bytes", "Bytes of torn or corrupt segment tails truncated at start", s.truncated_bytes),
-            ("lost_entries", "Entries missing from a corrupt journal at start", s.lost),
-        ):
-            yield CounterMetricFamily(f"purged_journal_{name}", doc, value=value)
-        errors = CounterMetricFamily("purged_journal_write_errors", "Failed journal writes", labels=["reason"])
-        for reason, count in sorted(s.write_errors.items()):
-            errors.add_metric([reason], count)
-        yield errors
-        truncated = CounterMetricFamily(
-            "purged_journal_truncated", "Torn or corrupt segment tails found at start, by reason", labels=["reason"]
-        )
-        for reason, count in sorted(s.truncated.items()):
-            truncated.add_metric([reason], count)
-        yield truncated
-        yield GaugeMetricFamily("purged_journal_writable", "1 while the journal accepts writes, 0 after an error",
-                                value=0 if journal.error else 1)
-        yield GaugeMetricFamily("purged_journal_replayed_entries", "Pending purges restored at start",
-                                value=s.replayed)
-        yield GaugeMetricFamily("purged_journal_replay_seconds", "How long the start-up replay took",
-                                value=s.replay_seconds)
-        yield GaugeMetricFamily("purged_journal_segments", "Segment files held", value=len(journal._segments))
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
