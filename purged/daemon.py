@@ -309,9 +309,9 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                                 key=f"listen.multicast[{i}]", max_url_length=config.limits.max_url_length)
                 await nursery.start(_in_scope, intake, serve)
             if config.listen.http is not None:
-                listeners = await nursery.start(_in_scope, intake, partial(serve_http, service.api,
-                                                                            config.listen.http.host,
-                                                                            config.listen.http.port))
+                # Not in ``intake``: on SIGTERM it stops by itself, answering the requests in progress.
+                listeners = await nursery.start(partial(serve_http, service.api, config.listen.http.host,
+                                                        config.listen.http.port))
                 service.http_port = listeners[0].socket.getsockname()[1]
             log.info(
                 "purged ready: http %s, %d nodes in %d data centres, journal %s",
@@ -332,6 +332,7 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 systemd.stopping()
                 systemd.extend_timeout(timeout + 5)
                 service.accepting = False
+                service.api.stopping.set()
                 for scope in intake:
                     scope.cancel()
                 await _drain(service, timeout)

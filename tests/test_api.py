@@ -149,3 +149,21 @@ async def test_metrics_and_healthz(api):
     assert 'purged_backlog{dc="eqiad",layer="backend",node="127.0.0.1:9"} 1.0' in text
     r = await client.get("/healthz")
     assert r.status_code == 200 and r.json()["nodes"]["127.0.0.1:9"]["backlog"] == 1
+
+
+async def test_stopping_answers_requests_in_progress_and_refuses_new_ones(api):
+    service, client = api
+    bid = (await client.post("/v1/purge", json={"urls": ["http://h.org/a"]})).json()["id"]
+    answers = []
+
+    async def waiting_request():
+        answers.append(await client.get(f"/v1/purge/{bid}?wait=1"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiting_request)
+        await trio.sleep(0.2)  # the request is being handled (held by ?wait)
+        service.api.stopping.set()
+    assert answers[0].status_code == 200 and answers[0].headers["connection"] == "close"
+    await trio.sleep(0.1)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", service.http_port)

@@ -13,6 +13,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +34,7 @@ IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 READ_TIMEOUT = 30.0  # a request (headers and body) must arrive within this
 MAX_HEADER_BYTES = 64 * 1024
 MAX_CLIENT_BUCKETS = 10_000  # per-address rate limit state kept, least recently used dropped first
+STOP_GRACE = 10.0  # on stop, requests already being read or handled get this long to be answered
 OVERLOAD_RETRY_AFTER = 5  # seconds a client is told to wait when the daemon is over max_pending
 
 
@@ -79,6 +81,8 @@ class API:
         self.service = service
         self.limits = service.config.limits
         self._clients: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.stopping = trio.Event()  # set on SIGTERM: answer what is in progress, take nothing new
+        self.active = 0  # requests whose head has arrived and whose answer is not sent yet
 
     def _rate_limit(self, req: Request, count: int, source: str) -> None:
         """Per client address token bucket (``limits.client_rate``); a batch larger than the burst passes
@@ -237,6 +241,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream, api: API,
     if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
         return None
     assert isinstance(event, h11.Request)
+    api.active += 1  # the caller's loop decrements once it answered
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1")
@@ -275,8 +280,9 @@ async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
     except OSError:
         peer = "?"
     try:
-        while True:
+        while not api.stopping.is_set():
             head_only = False
+            active = api.active
             try:
                 req = await _read_request(conn, stream, api, peer)
                 if req is None:
@@ -291,13 +297,19 @@ async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
                 resp = error_response(HTTPError(exc.error_status_hint, "bad_request", str(exc)))
             except trio.TooSlowError:
                 resp = error_response(HTTPError(408, "request_timeout", "request body took too long"))
-            if resp.status >= 400 and resp.status not in (404, 429):
-                log.info("%s %s -> %d %s", peer, resp.status, resp.status, resp.body[:200].decode(errors="replace"))
-            if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                return
-            if conn.their_state is not h11.DONE:  # answered before the body was read: the stream is unusable
-                resp.headers = list(resp.headers or []) + [("Connection", "close")]
-            await _send(conn, stream, resp, head_only)
+            counted = api.active > active
+            try:
+                if resp.status >= 400 and resp.status not in (404, 429):
+                    log.info("%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
+                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                    return
+                if conn.their_state is not h11.DONE or api.stopping.is_set():
+                    # Answered before the body was read (the stream is unusable), or the daemon is stopping.
+                    resp.headers = list(resp.headers or []) + [("Connection", "close")]
+                await _send(conn, stream, resp, head_only)
+            finally:
+                if counted:
+                    api.active -= 1
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -312,8 +324,22 @@ async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
 async def serve_http(
     api: API, host: str, port: int, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve the API until cancelled; ``task_status.started(listeners)`` once bound."""
+    """Serve the API until cancelled or ``api.stopping`` is set; ``task_status.started(listeners)`` once bound.
+
+    On stop the listeners close at once, requests in progress get up to ``STOP_GRACE`` seconds to be answered
+    (with ``Connection: close``), and idle keep-alive connections are closed: no request that reached us is
+    cut off mid-way.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners)
-        await trio.serve_listeners(lambda s: _serve_connection(s, api), listeners, handler_nursery=nursery)
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as acceptor:
+            acceptor.start_soon(
+                partial(trio.serve_listeners, lambda s: _serve_connection(s, api), listeners, handler_nursery=handlers)
+            )
+            task_status.started(listeners)
+            await api.stopping.wait()
+            acceptor.cancel_scope.cancel()
+        with trio.move_on_after(STOP_GRACE):
+            while api.active:
+                await trio.sleep(0.01)
+        handlers.cancel_scope.cancel()
