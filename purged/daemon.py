@@ -32,6 +32,7 @@ from .net.multicast import MulticastStats, serve_multicast
 from .net.sender import NodeSender
 
 log = logging.getLogger("purged")
+STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd (backlog and rate)
 
 
 class Signal:
@@ -232,9 +233,15 @@ class Service:
         """Drive the engine's timers (retries falling due, tier delays ending)."""
         task_status.started()
         engine = self.engine
+        status_at, sent_before = trio.current_time(), 0
         while True:
             now = trio.current_time()
             self.heartbeat = now
+            if now - status_at >= STATUS_INTERVAL:
+                sent = sum(node.stats.sent for node in self.engine.nodes.values())
+                systemd.status(f"{self.backlog()} purges owed to {len(self.engine.nodes)} nodes, "
+                               f"{(sent - sent_before) / (now - status_at):.0f} PURGE/s")
+                status_at, sent_before = now, sent
             when = engine.get_timer()
             # Wake at least once a second: the heartbeat tells the systemd watchdog this loop is alive.
             with trio.move_on_at(min(when, now + 1.0) if when is not None else now + 1.0):
