@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from varnish import SYNC_PATH, Purge, VarnishNode, _pgroup_members
+from procgroup import _pgroup_members
+from varnish import SYNC_PATH, Purge, VarnishNode
 
 pytestmark = pytest.mark.integration
 

@@ -49,9 +49,16 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+
+from procgroup import _freeze, _pgroup_members, _terminate
+from varnish_log import _LOG_FORMAT, _LOG_QUERY, SYNC_PATH, Purge, _PurgeFile
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class VarnishError(RuntimeError):
+    pass
+
 DEMO_VCL = REPO / "conf" / "varnish-demo.vcl"
 
 
@@ -65,8 +72,6 @@ VARNISHADM = _which("varnishadm")
 VARNISHSTAT = _which("varnishstat")
 VARNISHNCSA = _which("varnishncsa")
 
-#: Requests to this path are only markers for the log reader (they get a 503 and no purge).
-SYNC_PATH = "/__varnish_fixture_sync__"
 
 #: ``-p`` settings for a small, fast-starting node. Override or extend them per node.
 DEFAULT_PARAMS: dict[str, str] = {
@@ -90,123 +95,6 @@ _CACHING_CC_COMMAND = (
     "k=$({ echo '%D'; cat %s; } | sha256sum | cut -c1-64); c=\"CACHE/$k.so\"; "
     'if [ -f "$c" ]; then cp "$c" %o; else (%D) && cp %o "$c.$$" && mv "$c.$$" "$c"; fi'
 )
-
-_LOG_FORMAT = "%{Varnish:vxid}x\t%{VSL:Timestamp:Start[1]}x\t%m\t%s\t%{Host}i\t%U%q"
-_LOG_QUERY = f'ReqMethod eq "PURGE" or ReqURL ~ "^{SYNC_PATH}"'
-
-
-class Purge(NamedTuple):
-    """One PURGE a node executed (answered 200)."""
-
-    time: float  # when the request started, wall clock (time.time()), microsecond resolution
-    host: str  # the Host header ("" if none)
-    url: str  # path and query, as received
-
-
-class VarnishError(RuntimeError):
-    pass
-
-
-class _PurgeFile:
-    """Incremental parser of one varnishncsa output file (one per varnishd run)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.purges: list[Purge] = []
-        self.markers: set[str] = set()
-        self._seen: set[str] = set()  # vxids: a backfill from the head of the log may repeat records
-        self._offset = 0
-        self._lock = threading.Lock()
-
-    def refresh(self) -> None:
-        with self._lock:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read()
-            except FileNotFoundError:
-                return
-            end = data.rfind(b"\n") + 1  # a line is complete once its newline is there
-            self._offset += end
-            self.parse(data[:end])
-
-    def parse(self, data: bytes) -> None:
-        for raw in data.decode("utf-8", "surrogateescape").split("\n"):
-            fields = raw.split("\t", 5)
-            if len(fields) != 6 or fields[0] in self._seen:
-                continue
-            vxid, ts, method, status, host, url = fields
-            self._seen.add(vxid)
-            if method == "PURGE":
-                if status == "200":
-                    self.purges.append(Purge(float(ts), "" if host == "-" else host, url))
-            elif url.startswith(SYNC_PATH):
-                self.markers.add(url)
-
-    def backfill(self, data: bytes) -> None:
-        """Add records read from the head of the shared memory log (``varnishncsa -d``)."""
-        with self._lock:
-            self.parse(data[: data.rfind(b"\n") + 1])
-
-
-def _pgroup_members(pgid: int, zombies: bool = True) -> list[int]:
-    """PIDs of the processes in process group ``pgid``."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and (zombies or fields[0] != b"Z"):  # state, ppid, pgrp, ...
-            members.append(int(entry.name))
-    return members
-
-
-def _freeze(pgid: int, timeout: float = 2.0) -> None:
-    """SIGSTOP a process group and wait until every thread of it has stopped.
-
-    kill() only queues the stop: one thread takes it and stops the others as they next leave the
-    kernel, which on a busy machine can be milliseconds later, time enough to serve requests.
-    """
-    os.killpg(pgid, signal.SIGSTOP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(state in b"TtZX" for pid in _pgroup_members(pgid) for state in _thread_states(pid)):
-            return
-        time.sleep(0.001)
-
-
-def _thread_states(pid: int) -> list[bytes]:
-    states = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return states
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        states.append(stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3])
-    return states
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM one process we started, SIGKILL it after ``timeout``, reap it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
 
 _live: set[VarnishNode] = set()
 _live_lock = threading.Lock()
