@@ -8,13 +8,13 @@ Unknown keys and wrong types are errors.
 from __future__ import annotations
 
 import ipaddress
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .core.errors import InvalidURL
 from .core.urls import validate_host
+from .validate import Errors, fields, join, list_of, mapping, number, positive, string, type_name
 
 
 class ConfigError(Exception):
@@ -134,63 +134,9 @@ class Config:
 
 # -- the parser ---------------------------------------------------------------------------------------------------
 
-
-class _Errors:
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.items.append(f"{path}: {message}" if path else message)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _mapping(value: Any, path: str, errs: _Errors, allowed: set[str]) -> Mapping[str, Any] | None:
-    if not isinstance(value, Mapping):
-        errs.add(path, f"expected a mapping, got {_type_name(value)}")
-        return None
-    for key in value:
-        if not isinstance(key, str):
-            errs.add(path, f"keys must be strings, got {key!r}")
-        elif key not in allowed:
-            errs.add(_join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return value
-
-
-def _number(value: Any, path: str, errs: _Errors, *, minimum: float = 0.0, integer: bool = False) -> Any:
-    ok_types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
-        errs.add(path, f"expected {'an integer' if integer else 'a number'}, got {_type_name(value)}")
-        return None
-    if value < minimum:
-        errs.add(path, f"must be >= {minimum:g}, got {value}")
-        return None
-    return value
-
-
-def _string(value: Any, path: str, errs: _Errors) -> str | None:
-    if not isinstance(value, str) or not value:
-        errs.add(path, f"expected a non-empty string, got {_type_name(value)}")
-        return None
-    return value
-
-
-def _list(value: Any, path: str, errs: _Errors) -> list[Any] | None:
-    if not isinstance(value, list):
-        errs.add(path, f"expected a list, got {_type_name(value)}")
-        return None
-    return value
-
-
-def _address(value: Any, path: str, errs: _Errors, *, listen: bool = False) -> Address | None:
+def _address(value: Any, path: str, errs: Errors, *, listen: bool = False) -> Address | None:
     """``host:port`` (IPv6 in brackets). Port 0 (any free port) only for addresses we listen on."""
-    text = _string(value, path, errs)
+    text = string(value, path, errs)
     if text is None:
         return None
     host, sep, port = text.rpartition(":")
@@ -207,55 +153,40 @@ def _address(value: Any, path: str, errs: _Errors, *, listen: bool = False) -> A
     return Address(host, int(port))
 
 
-def _fields(value: Mapping[str, Any], path: str, errs: _Errors, spec: dict[str, Callable[..., Any]]) -> dict:
-    """Parse the keys present in ``value`` with the converter named for each in ``spec``."""
-    out = {}
-    for key, convert in spec.items():
-        if key in value:
-            parsed = convert(value[key], _join(path, key), errs)
-            if parsed is not None:
-                out[key] = parsed
-    return out
-
-
-def _pos(**kw: Any) -> Callable[[Any, str, _Errors], Any]:
-    return lambda v, p, e: _number(v, p, e, **kw)
-
-
-def _parse_multicast(value: Any, path: str, errs: _Errors) -> MulticastListen | None:
+def _parse_multicast(value: Any, path: str, errs: Errors) -> MulticastListen | None:
     allowed = {"group", "port", "interface", "format", "sources", "rcvbuf", "rate", "burst"}
-    m = _mapping(value, path, errs, allowed)
+    m = mapping(value, path, errs, allowed)
     if m is None:
         return None
     before = len(errs.items)
     for key in ("group", "port"):
         if key not in m:
-            errs.add(_join(path, key), "required")
-    kw = _fields(
+            errs.add(join(path, key), "required")
+    kw = fields(
         m,
         path,
         errs,
-        {"port": _pos(minimum=1, integer=True), "rcvbuf": _pos(minimum=4096, integer=True), "rate": _pos(), "burst": _pos()},
+        {"port": positive(minimum=1, integer=True), "rcvbuf": positive(minimum=4096, integer=True), "rate": positive(), "burst": positive()},
     )
     if kw.get("port", 1) > 65535:
-        errs.add(_join(path, "port"), "must be <= 65535")
+        errs.add(join(path, "port"), "must be <= 65535")
     for key in ("group", "interface"):
         if key in m:
             try:
                 ip = ipaddress.ip_address(m[key])
             except (ValueError, TypeError):
-                errs.add(_join(path, key), f"expected an IP address, got {m[key]!r}")
+                errs.add(join(path, key), f"expected an IP address, got {m[key]!r}")
                 continue
             if key == "group" and not ip.is_multicast:
-                errs.add(_join(path, key), f"{ip} is not a multicast address")
+                errs.add(join(path, key), f"{ip} is not a multicast address")
             kw[key] = str(ip)
     if "format" in m:
         if m["format"] not in ("htcp", "msgpack"):
-            errs.add(_join(path, "format"), f"expected htcp or msgpack, got {m['format']!r}")
+            errs.add(join(path, "format"), f"expected htcp or msgpack, got {m['format']!r}")
         else:
             kw["format"] = m["format"]
     if "sources" in m:
-        items = _list(m["sources"], _join(path, "sources"), errs) or []
+        items = list_of(m["sources"], join(path, "sources"), errs) or []
         nets = []
         for i, item in enumerate(items):
             try:
@@ -266,133 +197,133 @@ def _parse_multicast(value: Any, path: str, errs: _Errors) -> MulticastListen | 
     return MulticastListen(**kw) if len(errs.items) == before else None
 
 
-def _parse_listen(value: Any, path: str, errs: _Errors) -> Listen | None:
-    m = _mapping(value, path, errs, {"http", "multicast"})
+def _parse_listen(value: Any, path: str, errs: Errors) -> Listen | None:
+    m = mapping(value, path, errs, {"http", "multicast"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     if "http" in m:
-        kw["http"] = None if m["http"] is None else _address(m["http"], _join(path, "http"), errs, listen=True)
+        kw["http"] = None if m["http"] is None else _address(m["http"], join(path, "http"), errs, listen=True)
     if "multicast" in m:
-        items = _list(m["multicast"], _join(path, "multicast"), errs) or []
+        items = list_of(m["multicast"], join(path, "multicast"), errs) or []
         kw["multicast"] = tuple(
             x for i, v in enumerate(items) if (x := _parse_multicast(v, f"{path}.multicast[{i}]", errs))
         )
     return Listen(**kw)
 
 
-def _parse_limits(value: Any, path: str, errs: _Errors) -> Limits | None:
+def _parse_limits(value: Any, path: str, errs: Errors) -> Limits | None:
     spec = {
-        "max_body_bytes": _pos(minimum=1024, integer=True),
-        "max_urls_per_batch": _pos(minimum=1, integer=True),
-        "max_url_length": _pos(minimum=16, integer=True),
-        "max_wait": _pos(),
-        "recent_batches": _pos(minimum=1, integer=True),
-        "max_pending": _pos(integer=True),
-        "max_lag": _pos(integer=True),
-        "max_age": _pos(),
-        "client_rate": _pos(),
-        "client_burst": _pos(),
+        "max_body_bytes": positive(minimum=1024, integer=True),
+        "max_urls_per_batch": positive(minimum=1, integer=True),
+        "max_url_length": positive(minimum=16, integer=True),
+        "max_wait": positive(),
+        "recent_batches": positive(minimum=1, integer=True),
+        "max_pending": positive(integer=True),
+        "max_lag": positive(integer=True),
+        "max_age": positive(),
+        "client_rate": positive(),
+        "client_burst": positive(),
     }
-    m = _mapping(value, path, errs, set(spec))
-    return None if m is None else Limits(**_fields(m, path, errs, spec))
+    m = mapping(value, path, errs, set(spec))
+    return None if m is None else Limits(**fields(m, path, errs, spec))
 
 
-def _parse_dedup(value: Any, path: str, errs: _Errors) -> Dedup | None:
-    spec = {"window": _pos(), "linger": _pos()}
-    m = _mapping(value, path, errs, set(spec))
-    return None if m is None else Dedup(**_fields(m, path, errs, spec))
+def _parse_dedup(value: Any, path: str, errs: Errors) -> Dedup | None:
+    spec = {"window": positive(), "linger": positive()}
+    m = mapping(value, path, errs, set(spec))
+    return None if m is None else Dedup(**fields(m, path, errs, spec))
 
 
-def _parse_sender(value: Any, path: str, errs: _Errors) -> Sender | None:
+def _parse_sender(value: Any, path: str, errs: Errors) -> Sender | None:
     spec = {
-        "connections": _pos(minimum=1, integer=True),
-        "window": _pos(minimum=1, integer=True),
-        "timeout": _pos(minimum=0.001),
-        "connect_timeout": _pos(minimum=0.001),
-        "retry_initial": _pos(minimum=0.001),
-        "retry_max": _pos(minimum=0.001),
-        "down_after": _pos(minimum=1, integer=True),
+        "connections": positive(minimum=1, integer=True),
+        "window": positive(minimum=1, integer=True),
+        "timeout": positive(minimum=0.001),
+        "connect_timeout": positive(minimum=0.001),
+        "retry_initial": positive(minimum=0.001),
+        "retry_max": positive(minimum=0.001),
+        "down_after": positive(minimum=1, integer=True),
     }
-    m = _mapping(value, path, errs, set(spec))
-    return None if m is None else Sender(**_fields(m, path, errs, spec))
+    m = mapping(value, path, errs, set(spec))
+    return None if m is None else Sender(**fields(m, path, errs, spec))
 
 
-def _parse_tier(value: Any, path: str, errs: _Errors, index: int) -> Tier | None:
-    m = _mapping(value, path, errs, {"name", "nodes", "delay", "rate", "burst"})
+def _parse_tier(value: Any, path: str, errs: Errors, index: int) -> Tier | None:
+    m = mapping(value, path, errs, {"name", "nodes", "delay", "rate", "burst"})
     if m is None:
         return None
-    rates = _fields(m, path, errs, {"rate": _pos(), "burst": _pos()})
-    name = _string(m["name"], _join(path, "name"), errs) if "name" in m else f"tier{index}"
-    delay = _number(m["delay"], _join(path, "delay"), errs) if "delay" in m else 0.0
+    rates = fields(m, path, errs, {"rate": positive(), "burst": positive()})
+    name = string(m["name"], join(path, "name"), errs) if "name" in m else f"tier{index}"
+    delay = number(m["delay"], join(path, "delay"), errs) if "delay" in m else 0.0
     nodes: list[Address] = []
     if "nodes" not in m:
-        errs.add(_join(path, "nodes"), "required")
+        errs.add(join(path, "nodes"), "required")
     else:
-        items = _list(m["nodes"], _join(path, "nodes"), errs) or []
+        items = list_of(m["nodes"], join(path, "nodes"), errs) or []
         if not items and isinstance(m["nodes"], list):
-            errs.add(_join(path, "nodes"), "must list at least one node")
+            errs.add(join(path, "nodes"), "must list at least one node")
         nodes = [a for i, v in enumerate(items) if (a := _address(v, f"{path}.nodes[{i}]", errs))]
     if name is None or delay is None:
         return None
     return Tier(name=name, nodes=tuple(nodes), delay=float(delay), **rates)
 
 
-def _parse_datacenter(name: str, value: Any, path: str, errs: _Errors) -> Datacenter | None:
-    m = _mapping(value, path, errs, {"hosts", "tiers", "rate", "burst"})
+def _parse_datacenter(name: str, value: Any, path: str, errs: Errors) -> Datacenter | None:
+    m = mapping(value, path, errs, {"hosts", "tiers", "rate", "burst"})
     if m is None:
         return None
-    rates = _fields(m, path, errs, {"rate": _pos(), "burst": _pos()})
+    rates = fields(m, path, errs, {"rate": positive(), "burst": positive()})
     hosts: list[str] = []
     if "hosts" in m:
-        for i, h in enumerate(_list(m["hosts"], _join(path, "hosts"), errs) or []):
-            pattern = _string(h, f"{path}.hosts[{i}]", errs)
+        for i, h in enumerate(list_of(m["hosts"], join(path, "hosts"), errs) or []):
+            pattern = string(h, f"{path}.hosts[{i}]", errs)
             if pattern is not None:
                 if any(c.isspace() or ord(c) < 0x20 for c in pattern):
                     errs.add(f"{path}.hosts[{i}]", "host pattern contains whitespace or control characters")
                 hosts.append(pattern.lower())
     tiers: list[Tier] = []
     if "tiers" not in m:
-        errs.add(_join(path, "tiers"), "required")
+        errs.add(join(path, "tiers"), "required")
     else:
-        items = _list(m["tiers"], _join(path, "tiers"), errs) or []
+        items = list_of(m["tiers"], join(path, "tiers"), errs) or []
         if not items and isinstance(m["tiers"], list):
-            errs.add(_join(path, "tiers"), "must list at least one tier")
+            errs.add(join(path, "tiers"), "must list at least one tier")
         tiers = [t for i, v in enumerate(items) if (t := _parse_tier(v, f"{path}.tiers[{i}]", errs, i))]
         names = [t.name for t in tiers]
         for dup in sorted({n for n in names if names.count(n) > 1}):
-            errs.add(_join(path, "tiers"), f"tier name {dup!r} is used twice")
+            errs.add(join(path, "tiers"), f"tier name {dup!r} is used twice")
     return Datacenter(name=name, tiers=tuple(tiers), hosts=tuple(hosts), **rates)
 
 
-def _parse_journal(value: Any, path: str, errs: _Errors) -> JournalTuning | None:
+def _parse_journal(value: Any, path: str, errs: Errors) -> JournalTuning | None:
     spec = {
-        "segment_bytes": _pos(minimum=65536, integer=True),
-        "sync_interval": _pos(minimum=0.001),
-        "checkpoint_interval": _pos(minimum=0.01),
+        "segment_bytes": positive(minimum=65536, integer=True),
+        "sync_interval": positive(minimum=0.001),
+        "checkpoint_interval": positive(minimum=0.01),
     }
-    m = _mapping(value, path, errs, set(spec))
-    return None if m is None else JournalTuning(**_fields(m, path, errs, spec))
+    m = mapping(value, path, errs, set(spec))
+    return None if m is None else JournalTuning(**fields(m, path, errs, spec))
 
 
-def _parse_state_dir(value: Any, path: str, errs: _Errors) -> Any:
+def _parse_state_dir(value: Any, path: str, errs: Errors) -> Any:
     if value is None:
         return _NULL
-    text = _string(value, path, errs)
+    text = string(value, path, errs)
     if text is not None and "\0" in text:
         errs.add(path, "contains a NUL byte")
         return None
     return text
 
 
-def _parse_durability(value: Any, path: str, errs: _Errors) -> str | None:
+def _parse_durability(value: Any, path: str, errs: Errors) -> str | None:
     if value not in DURABILITY:
         errs.add(path, f"expected one of {', '.join(DURABILITY)}, got {value!r}")
         return None
     return value
 
 
-_NULL = object()  # a parsed null: _fields() drops None (an error), so null state_dir needs a marker
+_NULL = object()  # a parsed null: fields() drops None (an error), so null state_dir needs a marker
 
 _TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout", "state_dir", "durability",
              "journal"}
@@ -400,8 +331,8 @@ _TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_tim
 
 def parse_config(data: Any) -> Config:
     """Validate a mapping (as loaded from YAML) into a frozen :class:`Config`, or raise :class:`ConfigError`."""
-    errs = _Errors()
-    m = _mapping(data, "", errs, _TOP_KEYS)
+    errs = Errors()
+    m = mapping(data, "", errs, _TOP_KEYS)
     if m is None:
         raise ConfigError(errs.items)
     kw: dict[str, Any] = {}
@@ -409,7 +340,7 @@ def parse_config(data: Any) -> Config:
     if "datacenters" not in m:
         errs.add("datacenters", "required")
     elif not isinstance(m["datacenters"], Mapping) or not m["datacenters"]:
-        errs.add("datacenters", f"expected a non-empty mapping of name: datacenter, got {_type_name(m['datacenters'])}")
+        errs.add("datacenters", f"expected a non-empty mapping of name: datacenter, got {type_name(m['datacenters'])}")
     else:
         for name, value in m["datacenters"].items():
             path = f"datacenters.{name}"
@@ -428,7 +359,7 @@ def parse_config(data: Any) -> Config:
                     errs.add(path, f"node {node} is already listed at {seen[node]}")
                 seen.setdefault(node, path)
     kw.update(
-        _fields(
+        fields(
             m,
             "",
             errs,
@@ -437,7 +368,7 @@ def parse_config(data: Any) -> Config:
                 "limits": _parse_limits,
                 "sender": _parse_sender,
                 "dedup": _parse_dedup,
-                "shutdown_timeout": _pos(),
+                "shutdown_timeout": positive(),
                 "state_dir": _parse_state_dir,
                 "durability": _parse_durability,
                 "journal": _parse_journal,
