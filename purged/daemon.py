@@ -24,7 +24,7 @@ from .core.errors import Overloaded
 from .core.limits import TokenBucket
 from .core.reload import reconfigure
 from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import EngineCollector, JournalCollector, MulticastCollector
+from .metrics import EngineCollector, JournalCollector, MulticastCollector, SenderCollector
 from .net import systemd
 from .net.http_api import API, serve_http
 from .net.journal import Journal, JournalError
@@ -110,6 +110,7 @@ class Service:
         self.registry.register(MulticastCollector(lambda: self.multicast))
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time, lambda: self.removed_drops))
         self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
+        self.registry.register(SenderCollector(lambda: self.senders, lambda: self.engine))
 
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
         receipt = self.engine.submit(targets, trio.current_time(), source, priority)

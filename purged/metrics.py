@@ -218,3 +218,29 @@ class JournalCollector(Collector):
         yield GaugeMetricFamily("purged_journal_replay_seconds", "How long the start-up replay took",
                                 value=s.replay_seconds)
         yield GaugeMetricFamily("purged_journal_segments", "Segment files held", value=journal.segment_count)
+
+
+class SenderCollector(Collector):
+    """Per-node connection counters kept by the senders themselves (the engine never sees connections)."""
+
+    def __init__(self, senders_fn: Callable[[], dict], engine_fn: Callable[[], Engine]):
+        self._senders, self._engine = senders_fn, engine_fn
+
+    def collect(self) -> Iterator[Any]:
+        topo = self._engine().topology.nodes
+        opened = CounterMetricFamily("purged_connections_opened", "TCP connections opened to a node", labels=NODE_LABELS)
+        fallbacks = CounterMetricFamily(
+            "purged_pipelining_fallbacks",
+            "Times a node closed after one answer with more queued, so it gets one PURGE at a time",
+            labels=NODE_LABELS,
+        )
+        window = GaugeMetricFamily("purged_sender_window", "PURGEs in flight allowed per connection", labels=NODE_LABELS)
+        for name, sender in sorted(self._senders().items()):
+            spec = topo.get(name)
+            if spec is None:
+                continue
+            labels = [spec.dc, spec.tier, name]
+            opened.add_metric(labels, sender.connects)
+            fallbacks.add_metric(labels, sender.pipelining_fallbacks)
+            window.add_metric(labels, sender.window)
+        yield from (opened, fallbacks, window)

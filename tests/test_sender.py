@@ -88,6 +88,9 @@ async def test_edge_without_pipelining_falls_back_to_one_in_flight(nursery):
         assert st["done"], st
         assert set(answered_paths(edge)) == {f"/p{i}" for i in range(50)}
         assert service.senders[node].pipelining_fallbacks >= 1
+        metrics = (await client.get("/metrics")).text
+        assert f'purged_pipelining_fallbacks_total{{dc="dc",layer="t0",node="{node}"}} 1.0' in metrics
+        assert f'purged_sender_window{{dc="dc",layer="t0",node="{node}"}} 1.0' in metrics
 
 
 async def test_stalled_node_times_out_and_never_slows_the_others(nursery):
