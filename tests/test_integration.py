@@ -102,3 +102,31 @@ async def test_stopped_node_catches_up_and_never_holds_the_others(varnish_factor
         assert trio.current_time() - restarted_at < 15
     assert {p.url for p in await purges_of(be2)} == {f"/wiki/Q{i}" for i in range(300)}
     assert {p.url for p in await purges_of(fe2)} == {f"/wiki/Q{i}" for i in range(300)}
+
+
+async def test_configured_rate_is_what_varnish_sees(varnish_factory):
+    limited, free = varnish_factory(2)
+    rate, burst, count = 100, 10, 300
+    cfg = {
+        "listen": {"http": "127.0.0.1:0"},
+        "datacenters": {
+            "slow": {"rate": rate, "burst": burst, "tiers": [{"nodes": [limited.address]}]},
+            "fast": {"tiers": [{"nodes": [free.address]}]},
+        },
+        "state_dir": None,
+    }
+    async with running_daemon(cfg) as (service, client):
+        start = trio.current_time()
+        batch = (await client.post("/v1/purge", json={"urls": [f"http://h.org/r{i}" for i in range(count)]})).json()
+        await trio.sleep(1.0)
+        at_one_second = await trio.to_thread.run_sync(limited.n_purges)
+        assert await trio.to_thread.run_sync(free.n_purges) == count  # the other DC is not paced
+        st = (await client.get(f"/v1/purge/{batch['id']}?wait=10")).json()
+        took = trio.current_time() - start
+        metrics = (await client.get("/metrics")).text
+    assert st["done"]
+    # Varnish's own counter: the burst plus ~rate per second, never more.
+    assert burst + rate * 0.5 <= at_one_second <= burst + rate * 1.0 + 15, at_one_second
+    assert took >= (count - burst) / rate - 0.1, took
+    assert await trio.to_thread.run_sync(limited.n_purges) == count
+    assert f'purged_node_rate_limited_total{{dc="slow",layer="tier0",node="{limited.address}"}}' in metrics
