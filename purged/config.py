@@ -76,8 +76,8 @@ class Dedup:
 
 @dataclass(frozen=True)
 class Sender:
-    connections: int = 2  # persistent connections per node
-    window: int = 64  # requests in flight per connection (pipelined)
+    connections: int = 4  # persistent connections per node
+    window: int = 256  # requests in flight per connection (pipelined): 1024 per node carry ~12k/s at 80 ms RTT
     timeout: float = 10.0  # seconds without a response before the connection is deemed stuck
     connect_timeout: float = 5.0
     retry_initial: float = 0.1  # first backoff, seconds; doubles per consecutive failure

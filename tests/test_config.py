@@ -30,7 +30,7 @@ def test_default_config_file_is_valid_and_as_documented():
 def test_minimal_config_gets_defaults():
     cfg = parse_config(MINIMAL)
     assert cfg.listen.http == Address("127.0.0.1", 8090)
-    assert cfg.limits.max_url_length == 8192 and cfg.sender.window == 64
+    assert cfg.limits.max_url_length == 8192 and cfg.sender.window == 256 and cfg.sender.connections == 4
     assert cfg.datacenters[0].tiers[0].name == "tier0" and cfg.datacenters[0].hosts == ()
     with pytest.raises(AttributeError):
         cfg.shutdown_timeout = 1  # frozen
