@@ -77,12 +77,17 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
 # -- /proc --------------------------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds, from /proc/PID/stat."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of one process (all its threads), in seconds, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     fields = data[data.rindex(")") + 2 :].split()  # the comm field may hold spaces; skip past it
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # fields 14 and 15 of proc(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds."""
+    return sum(cpu_times(pid))
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -157,7 +162,7 @@ class Varnish:
                 try:
                     self.n_purges()
                     break
-                except (RuntimeError, ValueError):
+                except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.1)
@@ -175,7 +180,7 @@ class Varnish:
             try:
                 self.n_purges()
                 return
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired):
                 time.sleep(0.1)
         raise TimeoutError("varnishd did not come up")
 
@@ -294,9 +299,11 @@ def wait_purges(varnishes: list[Varnish], targets: list[int], timeout: float, in
 
 
 def purged_config(nodes: list[str], *, window: int = 64, connections: int = 2, listen: str = "127.0.0.1:0",
-                  dc: str = "bench") -> str:
-    """A YAML config: one data centre, one tier holding ``nodes`` (no tier gates), the given sender settings."""
+                  dc: str = "bench", state_dir: str | None = None) -> str:
+    """A YAML config: one data centre, one tier holding ``nodes`` (no tier gates), the given sender settings.
+    No journal unless ``state_dir`` is given (the daemon's default, /var/lib/purged, is never used here)."""
     lines = [
+        f"state_dir: {json.dumps(state_dir)}",
         "listen:",
         f'  http: "{listen}"',
         "datacenters:",
@@ -322,12 +329,13 @@ class Purged:
     READY = re.compile(r"purged ready: http [^\s]*:(\d+)")
 
     def __init__(self, nodes: list[str], *, window: int = 64, connections: int = 2, netns: str | None = None,
-                 env: dict[str, str] | None = None, python_args: tuple[str, ...] = ()):
+                 env: dict[str, str] | None = None, python_args: tuple[str, ...] = (), journal: bool = False):
         self.nodes = nodes
         self.window, self.connections = window, connections
         self.netns = netns
         self.env = env
         self.python_args = tuple(python_args)  # e.g. ("-m", "cProfile", "-o", FILE) to profile it
+        self.journal = journal  # True: a journal in our temp dir, with the daemon's default durability
         self.tmp: str | None = None
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -336,15 +344,21 @@ class Purged:
         self.tmp = tempfile.mkdtemp(prefix="purged-bench-daemon-")
         cfg = os.path.join(self.tmp, "purged.yaml")
         with open(cfg, "w") as f:
-            f.write(purged_config(self.nodes, window=self.window, connections=self.connections))
+            f.write(purged_config(self.nodes, window=self.window, connections=self.connections,
+                                  state_dir=os.path.join(self.tmp, "state") if self.journal else None))
         cmd = [PYTHON, *self.python_args, "-m", "purged", "--config", cfg, "--log-level", "info"]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        # PURGED_BENCH_SRC=DIR runs the purged package found in DIR (e.g. a `git archive` of one commit) instead
+        # of the working tree, so that edits made meanwhile do not change a long run half-way.
+        src = os.environ.get("PURGED_BENCH_SRC")
+        if src:
+            env["PYTHONPATH"] = src
         self._log_path = os.path.join(self.tmp, "purged.log")
         self._log = open(self._log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=str(ROOT))
+                                     env=env, cwd=src or str(ROOT))  # python -m puts the cwd first
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -437,4 +451,5 @@ def median(values: list[float]) -> float:
 
 def machine_note() -> str:
     load = os.getloadavg()
-    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    src = os.environ.get("PURGED_BENCH_SRC") or "the working tree"
+    return f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; purged from {src}"

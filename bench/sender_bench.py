@@ -1,8 +1,8 @@
 """Benchmark: PURGE/s that purged delivers into real loopback Varnish nodes, against wrk's pipelined ceiling.
 
 For each node count (default 1 and 4) it starts that many ``varnishd`` on 127.0.0.1 (own ``-n`` dirs, the
-PURGE VCL of ``bench/common.py``) and then, ``--repeats`` times, interleaved so every repeat sees the same
-background load:
+PURGE VCL of ``bench/common.py``) and then, ``--repeats`` times, for each sender setting, a ceiling run right
+before a purged run, so that the pair sees about the same background load:
 
 * **ceiling**: ``wrk`` with ``bench/wrk_pipeline.lua`` (pipelined PURGEs, varying paths) straight at the same
   Varnish nodes (one wrk per node, run together), for ``--wrk-seconds``; wrk's own response count is checked
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ from common import (  # noqa: E402
     Purged,
     PurgeSampler,
     Varnish,
+    cpu_times,
     fmt_repeats,
     machine_note,
     make_urls,
@@ -67,6 +69,11 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 # -- the ceiling: wrk ------------------------------------------------------------------------------------------
 
 
@@ -79,6 +86,7 @@ def run_wrk(varnishes: list[Varnish], seconds: float, connections: int, depth: i
     vcpu0 = sum(v.cpu_seconds() for v in varnishes)
     busy0 = busy_cpu_seconds()
     wall0 = time.monotonic()
+    children0 = children_cpu_seconds()
     procs = [
         subprocess.Popen(
             [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(WRK_LUA),
@@ -99,6 +107,7 @@ def run_wrk(varnishes: list[Varnish], seconds: float, connections: int, depth: i
             raise RuntimeError(f"wrk printed no summary: {out}\n{err}")
         outs.append(json.loads(line[len("WRK_JSON "):]))
     busy = busy_cpu_seconds() - busy0
+    wrk_cpu = children_cpu_seconds() - children0
     vcpu = sum(v.cpu_seconds() for v in varnishes) - vcpu0
     wall = time.monotonic() - wall0
     time.sleep(0.2)  # let Varnish finish what was in flight when wrk stopped
@@ -114,7 +123,10 @@ def run_wrk(varnishes: list[Varnish], seconds: float, connections: int, depth: i
         "errors": errors,
         "counts_match": 0 <= sum(deltas) - reqs <= slack and errors == 0,
         "varnish_cores": vcpu / wall,
+        "varnish_us": vcpu / max(sum(deltas), 1) * 1e6,
         "busy_cores": busy / wall,
+        "wrk_cores": wrk_cpu / wall,
+        "others_cores": max(0.0, busy - vcpu - wrk_cpu) / wall,  # wrk's own CPU excluded
     }
 
 
@@ -122,12 +134,12 @@ def run_wrk(varnishes: list[Varnish], seconds: float, connections: int, depth: i
 
 
 def run_purged(varnishes: list[Varnish], n_urls: int, batch: int, window: int, connections: int, timeout: float,
-               tag: str, profile: str | None = None, profile_dir: str | None = None) -> dict:
+               tag: str, profile: str | None = None, profile_dir: str | None = None, journal: bool = False) -> dict:
     nodes = [v.address for v in varnishes]
     python_args: tuple[str, ...] = ()
     if profile == "cprofile":  # written when purged exits (SIGTERM: it drains, then returns normally)
         python_args = ("-m", "cProfile", "-o", os.path.join(profile_dir, f"{tag}.pstats"))
-    daemon = Purged(nodes, window=window, connections=connections, python_args=python_args)
+    daemon = Purged(nodes, window=window, connections=connections, python_args=python_args, journal=journal)
     daemon.start()
     spy = sampler = None
     try:
@@ -144,6 +156,7 @@ def run_purged(varnishes: list[Varnish], n_urls: int, batch: int, window: int, c
         sampler = PurgeSampler(varnishes, n_urls, timeout=timeout)
         vcpu0 = sum(v.cpu_seconds() for v in varnishes)
         cpu0 = daemon.cpu_seconds()
+        sys0 = cpu_times(daemon.proc.pid)[1]
         busy0 = busy_cpu_seconds()
         t0 = time.monotonic()
         sampler.start()
@@ -152,6 +165,7 @@ def run_purged(varnishes: list[Varnish], n_urls: int, batch: int, window: int, c
         done = wait_batch(daemon.base_url, replies[-1]["id"], timeout)
         t_done = time.monotonic()  # purged's own clock: every node acknowledged the last batch
         cpu1 = daemon.cpu_seconds()
+        sys1 = cpu_times(daemon.proc.pid)[1]
         reached = sampler.join()  # Varnish's clock: every node's n_purges delta reached the target
         t1 = sampler.reached_at or time.monotonic()
         busy = busy_cpu_seconds() - busy0
@@ -181,6 +195,7 @@ def run_purged(varnishes: list[Varnish], n_urls: int, batch: int, window: int, c
         "elapsed": elapsed,
         "post_seconds": t_posted - t0,
         "cpu_us": (cpu1 - cpu0) / delivered * 1e6,
+        "sys_share": (sys1 - sys0) / max(cpu1 - cpu0, 1e-9),  # kernel share of purged's CPU
         "purged_cores": (cpu1 - cpu0) / elapsed,
         "varnish_cores": vcpu / elapsed,
         "others_cores": max(0.0, busy - own) / elapsed,  # the poster, other people's jobs...
@@ -238,10 +253,33 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def summarize_profile(path: str, top: int = 25) -> str:
-    """Top functions (self and inclusive samples) of a py-spy raw (collapsed stacks) file."""
+PROFILE_CATEGORIES = [  # (label, test on the stack's frames, leaf last); the first that matches counts
+    ("send() syscall (or preempted in it)",
+     lambda fr: "_nonblocking_helper" in fr[-1] and any("send_all" in f for f in fr)),
+    ("recv() syscall (or preempted in it)",
+     lambda fr: "_nonblocking_helper" in fr[-1] and any("receive_some" in f for f in fr)),
+    ("epoll wait", lambda fr: "get_events" in fr[-1]),
+    ("ingest: HTTP API, JSON, URL validation, engine.submit",
+     lambda fr: any("_serve_connection" in f or "API." in f for f in fr)),
+    ("sender: ResponseParser.feed", lambda fr: any("ResponseParser" in f for f in fr)),
+    ("sender: Engine.ack", lambda fr: any("Engine.ack" in f for f in fr)),
+    ("sender: Engine.take", lambda fr: any("Engine.take " in f or f.startswith("Engine.take (") for f in fr)),
+    ("sender: encode_purge/split_target", lambda fr: any("encode_purge" in f or "split_target" in f for f in fr)),
+    ("wake-ups: timers, batch status, wait_for_work",
+     lambda fr: any(k in f for f in fr for k in ("run_timers", "batch_status", "wait_for_work", "changed"))),
+    ("other (trio scheduler, sender loop, GC...)", lambda fr: True),
+]
+
+
+def summarize_profile(path: str, top: int = 20) -> str:
+    """Where the samples of a py-spy raw (collapsed stacks) file went: by category, then the top functions.
+
+    py-spy samples a thread that is running *or runnable*: on a busy 2-core machine a process preempted inside
+    send() (the kernel wakes the receiving Varnish thread, which may take the CPU) is counted there. So the
+    syscall categories overstate CPU; the other shares are also shown as a fraction of the non-syscall samples.
+    """
     self_counts: dict[str, int] = {}
-    incl_counts: dict[str, int] = {}
+    cats = {label: 0 for label, _ in PROFILE_CATEGORIES}
     total = 0
     with open(path) as f:
         for line in f:
@@ -252,14 +290,20 @@ def summarize_profile(path: str, top: int = 25) -> str:
             total += n
             frames = stack.split(";")
             self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
-            for fr in set(frames):
-                incl_counts[fr] = incl_counts.get(fr, 0) + n
-    lines = [f"  {total} samples; top self:"]
+            for label, test in PROFILE_CATEGORIES:
+                if test(frames):
+                    cats[label] += n
+                    break
+    if not total:
+        return "  no samples"
+    waiting = sum(v for k, v in cats.items() if "syscall" in k or "epoll" in k)
+    busy = max(total - waiting, 1)
+    lines = [f"  {total} samples; by category (% of all samples / % of samples outside syscalls and epoll):"]
+    for label, n in cats.items():
+        share = "" if ("syscall" in label or "epoll" in label) else f" / {100 * n / busy:5.1f}%"
+        lines.append(f"    {100 * n / total:5.1f}%{share}  {label}")
+    lines.append("  top functions (self):")
     for fr, n in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"    {100 * n / total:5.1f}%  {fr}")
-    lines.append("  top inclusive (purged/trio frames):")
-    interesting = [(fr, n) for fr, n in incl_counts.items() if "purged" in fr or "trio" in fr]
-    for fr, n in sorted(interesting, key=lambda kv: -kv[1])[:top]:
         lines.append(f"    {100 * n / total:5.1f}%  {fr}")
     return "\n".join(lines)
 
@@ -269,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", default="1,4", help="node counts to measure, comma-separated (default 1,4)")
     p.add_argument("--urls", type=int, default=200_000, help="unique URLs posted per run (default 200000)")
     p.add_argument("--batch", type=int, default=10_000, help="URLs per POST (default 10000)")
-    p.add_argument("--settings", default="64x2,256x2",
-                   help="sender WINDOWxCONNECTIONS to try (default 64x2 = the daemon's default, 256x2)")
+    p.add_argument("--settings", default="64x2,256x2,256x4",
+                   help="sender WINDOWxCONNECTIONS to try (default 64x2, 256x2, and 256x4 = the daemon's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0, help="bound on one purged run, seconds")
     p.add_argument("--wrk-seconds", type=int, default=4)
@@ -280,15 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--httpx", action="store_true", help="also measure httpx AsyncClient PURGE/s into 1 node")
     p.add_argument("--httpx-seconds", type=float, default=4.0)
     p.add_argument("--profile", choices=["py-spy", "cprofile"], help="profile purged during its runs")
+    p.add_argument("--profile-out", metavar="DIR", help="keep the raw profiles in DIR")
+    p.add_argument("--journal", action="store_true",
+                   help="run purged with its journal (in a temp dir, default durability); default: no journal")
     p.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     args = p.parse_args(argv)
 
     node_counts = [int(x) for x in args.nodes.split(",")]
     settings = parse_settings(args.settings)
-    profile_dir = tempfile.mkdtemp(prefix="purged-bench-profile-") if args.profile else None
+    profile_dir = None
+    if args.profile:
+        profile_dir = args.profile_out or tempfile.mkdtemp(prefix="purged-bench-profile-")
+        os.makedirs(profile_dir, exist_ok=True)
     results: dict = {"machine": machine_note(), "args": vars(args), "runs": {}}
     print(f"sender_bench: {machine_note()}; {args.urls:,} URLs per run in batches of {args.batch:,}; "
-          f"{args.repeats} repeats")
+          f"{args.repeats} repeats; purged journal {'on (temp dir)' if args.journal else 'off'}")
     print("  note: the Varnish nodes, purged, the poster and wrk all share this machine's "
           f"{os.cpu_count()} cores (as does anything else running); 'others' = CPU used by everything but "
           "purged and Varnish during a run, in cores")
@@ -303,28 +353,30 @@ def main(argv: list[str] | None = None) -> int:
                 runs: dict[tuple[int, int], list[dict]] = {s: [] for s in settings}
                 hx: dict[int, list[dict]] = {1: [], 16: []}
                 for rep in range(args.repeats):
-                    if not args.no_wrk:
-                        w = run_wrk(varnishes, args.wrk_seconds, args.wrk_connections, args.wrk_depth)
-                        ceil.append(w)
-                        print(f"  [{rep + 1}] wrk ceiling ({args.wrk_connections} conn x depth {args.wrk_depth} "
-                              f"per node): {w['rate']:,.0f} PURGE/s; wrk counted {w['wrk_requests']:,}, Varnish "
-                              f"{w['varnish_purges']:,} ({'match' if w['counts_match'] else 'MISMATCH'}), "
-                              f"errors {w['errors']}; Varnish {w['varnish_cores']:.2f} cores, machine busy "
-                              f"{w['busy_cores']:.2f} cores")
                     for window, conns in settings:
+                        # The ceiling right before each purged run, so that both see the same background load.
+                        if not args.no_wrk:
+                            w = run_wrk(varnishes, args.wrk_seconds, args.wrk_connections, args.wrk_depth)
+                            ceil.append(w)
+                            print(f"  [{rep + 1}] wrk ceiling ({args.wrk_connections} conn x depth "
+                                  f"{args.wrk_depth} per node): {w['rate']:,.0f} PURGE/s; wrk counted "
+                                  f"{w['wrk_requests']:,}, Varnish {w['varnish_purges']:,} "
+                                  f"({'match' if w['counts_match'] else 'MISMATCH'}), errors {w['errors']}; "
+                                  f"Varnish {w['varnish_cores']:.2f} cores ({w['varnish_us']:.1f} us CPU/PURGE), wrk "
+                                  f"{w['wrk_cores']:.2f}, others {w['others_cores']:.2f} cores")
                         tag = f"n{n}_w{window}_c{conns}_r{rep + 1}"
                         r = run_purged(varnishes, args.urls, args.batch, window, conns, args.timeout, tag,
-                                       args.profile, profile_dir)
+                                       args.profile, profile_dir, args.journal)
                         if ceil:
                             r["ratio"] = r["rate"] / ceil[-1]["rate"]
                         runs[(window, conns)].append(r)
-                        ratio = f", {r['ratio']:.2f}x ceiling" if "ratio" in r else ""
+                        ratio = f", {r['ratio']:.2f}x that ceiling" if "ratio" in r else ""
                         print(f"  [{rep + 1}] purged window {window} x {conns} conn: {r['rate']:,.0f} PURGE/s "
                               f"({r['per_node']:,.0f}/node){ratio}; {r['elapsed']:.2f} s (posting "
                               f"{r['post_seconds']:.2f} s; steady {r['steady']:,.0f}/s; by purged's clock "
-                              f"{r['rate_purged_clock']:,.0f}/s); purged {r['cpu_us']:.1f} us CPU/PURGE = "
-                              f"{r['purged_cores']:.2f} cores; Varnish {r['varnish_cores']:.2f} cores; others "
-                              f"{r['others_cores']:.2f} cores")
+                              f"{r['rate_purged_clock']:,.0f}/s); purged {r['cpu_us']:.1f} us CPU/PURGE ("
+                              f"{100 * r['sys_share']:.0f}% kernel) = {r['purged_cores']:.2f} cores; Varnish "
+                              f"{r['varnish_cores']:.2f} cores; others {r['others_cores']:.2f} cores")
                     if args.httpx and n == 1:
                         for conc in hx:
                             h = run_httpx(varnishes[0], conc, args.httpx_seconds, 200_000)
@@ -334,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  -- {n} node(s), medians of {args.repeats}:")
                 if ceil:
                     print(f"     wrk ceiling       PURGE/s: {fmt_repeats([c['rate'] for c in ceil])}")
+                    print(f"       Varnish us CPU per PURGE: {fmt_repeats([c['varnish_us'] for c in ceil], '{:.1f}')}")
                 best = None
                 for (window, conns), rs in runs.items():
                     rate = median([r["rate"] for r in rs])
@@ -368,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     pstats.Stats(path).sort_stats("tottime").print_stats(25)
     finally:
-        if profile_dir:
+        if profile_dir and not args.profile_out:
             shutil.rmtree(profile_dir, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
