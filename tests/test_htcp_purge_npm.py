@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from daemon_helpers import running_daemon
+from daemon_helpers import config_for, running_daemon
 from netns import missing_prerequisites, veth_namespace
 from prometheus_client.parser import text_string_to_metric_families
 from varnish import VARNISHD
@@ -82,22 +82,12 @@ async def test_npm_htcp_purge_datagrams_reach_every_node(request):
     group = f"239.255.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
     port = free_udp_port()
     with veth_namespace() as ns:
-        cfg = {
-            "listen": {
-                "http": "127.0.0.1:0",
-                "multicast": [
+        nodes_by_dc = {"eqiad": [[nodes[0].address], [nodes[1].address]],
+                       "codfw": [[nodes[2].address], [nodes[3].address]]}
+        cfg = config_for(nodes_by_dc, listen={"multicast": [
                     {"group": group, "port": port, "interface": ns.host_addr, "format": "htcp",
                      "sources": ["198.18.0.0/15"]},
-                ],
-            },
-            "datacenters": {
-                "eqiad": {"tiers": [{"name": "backend", "nodes": [nodes[0].address]},
-                                    {"name": "frontend", "nodes": [nodes[1].address]}]},
-                "codfw": {"tiers": [{"name": "backend", "nodes": [nodes[2].address]},
-                                    {"name": "frontend", "nodes": [nodes[3].address]}]},
-            },
-            "state_dir": None,
-        }
+        ]})
         async with running_daemon(cfg) as (service, client):
             # As change-propagation does: one purger, several purge() calls; TTL 1 = the veth link only
             # (the root namespace does not forward multicast anyway).

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import trio
-from daemon_helpers import running_daemon
+from daemon_helpers import config_for, running_daemon
 
 from purged.core.batchcodec import encode_batch
 from purged.core.htcp import encode_clr
@@ -32,22 +32,12 @@ async def test_htcp_and_msgpack_datagrams_reach_every_node(varnish_factory):
     nodes = varnish_factory(4)
     group = f"239.255.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
     htcp_port, batch_port = free_udp_port(), free_udp_port()
-    cfg = {
-        "listen": {
-            "http": "127.0.0.1:0",
-            "multicast": [
+    nodes_by_dc = {"eqiad": [[nodes[0].address], [nodes[1].address]],
+                   "codfw": [[nodes[2].address], [nodes[3].address]]}
+    cfg = config_for(nodes_by_dc, listen={"multicast": [
                 {"group": group, "port": htcp_port, "interface": "127.0.0.1", "format": "htcp"},
                 {"group": group, "port": batch_port, "interface": "127.0.0.1", "format": "msgpack"},
-            ],
-        },
-        "datacenters": {
-            "eqiad": {"tiers": [{"name": "backend", "nodes": [nodes[0].address]},
-                                {"name": "frontend", "nodes": [nodes[1].address]}]},
-            "codfw": {"tiers": [{"name": "backend", "nodes": [nodes[2].address]},
-                                {"name": "frontend", "nodes": [nodes[3].address]}]},
-        },
-        "state_dir": None,
-    }
+    ]})
     async with running_daemon(cfg) as (service, client):
         with sender_socket() as s:
             for i in range(200):  # as MediaWiki sends them: full URLs, sequential transaction ids
