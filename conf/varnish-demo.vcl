@@ -15,9 +15,9 @@ vcl 4.1;
 # "503 Backend fetch failed". (`backend default none;` exists since Varnish 6.4.)
 backend default none;
 
-# Who may purge: only clients on this machine.
+# Who may purge: only purged on this machine (127.0.0.1, ::1); other clients get 405.
 acl purgers {
-    "127.0.0.0"/8;
+    "127.0.0.1";
     "::1";
 }
 

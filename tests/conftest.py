@@ -18,7 +18,7 @@ def varnish_factory(
     starting the code under test, or via ``trio.to_thread.run_sync``.
     """
     if not os.access(VARNISHD, os.X_OK):
-        pytest.skip("varnishd is not installed")
+        pytest.fail("varnishd is not installed: bash .ci/test installs it (Debian package varnish)")
     nodes: list[VarnishNode] = []
 
     def make(count: int = 1, **kwargs: object) -> list[VarnishNode]:
