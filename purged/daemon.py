@@ -98,7 +98,6 @@ class Service:
         self.timers = Signal()  # the engine's next timer may be earlier now
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
-        self.accepting = True
         self.heartbeat = trio.current_time()
         self.journal: Journal | None = None
         self.api: API | None = None
@@ -115,6 +114,7 @@ class Service:
     def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
         receipt = self.engine.submit(targets, trio.current_time(), source, priority)
         self.work.fire()
+        self._rearm_timer()
         if self.journal is not None:
             self.journal.kick()
         return receipt
@@ -221,13 +221,20 @@ class Service:
         """Called by senders after they fed the engine: wake whoever may now proceed."""
         engine = self.engine
         self.progress.fire()
-        self.timers.fire()
+        self._rearm_timer()
         if engine.gates_changed:
             engine.gates_changed = False
             self.work.fire()
 
+    def _rearm_timer(self) -> None:
+        """Wake the timer task only when the engine's next timer may have moved earlier."""
+        if self.engine.timers_changed:
+            self.engine.timers_changed = False
+            self.timers.fire()
+
     async def wait_for_work(self, name: str) -> None:
         while not self.engine.has_work(name, trio.current_time()):
+            self._rearm_timer()  # has_work may have found the node rate-limited: wake it when tokens return
             await self.work.wait()
 
     async def run_timers(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -247,6 +254,7 @@ class Service:
             # Wake at least once a second: the heartbeat tells the systemd watchdog this loop is alive.
             with trio.move_on_at(min(when, now + 1.0) if when is not None else now + 1.0):
                 await self.timers.wait()
+            engine.timers_changed = False  # get_timer() is read afresh at the top of the loop
             engine.handle_timer(trio.current_time())
             engine.gates_changed = False
             self.work.fire()
@@ -262,7 +270,7 @@ class Service:
         now = trio.current_time()
         stats = self.engine.statistics(now)
         return {
-            "status": "ok" if self.accepting else "draining",
+            "status": "draining" if self.api is not None and self.api.stopping.is_set() else "ok",
             "log_entries": stats["log_entries"],
             "unique_pending": stats["unique_pending"],
             "nodes": stats["nodes"],
@@ -339,7 +347,6 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 log.info("received %s: stopping intake, draining for up to %gs", signal.Signals(signum).name, timeout)
                 systemd.stopping()
                 systemd.extend_timeout(timeout + 5)
-                service.accepting = False
                 service.api.stopping.set()
                 for scope in intake:
                     scope.cancel()
