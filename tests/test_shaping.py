@@ -152,3 +152,16 @@ def test_high_and_bulk_lanes_have_separate_tier_gates():
         assert ident & 1 == HIGH
         e.ack("b", ident, 200, 0.0)
     assert [t for _, t in e.take("f", 10, 0.0)] == ["h/hi"]  # not held behind the unacked bulk purge
+
+
+def test_engine_flags_an_earlier_timer_for_the_io_layer():
+    e = engine(linger=0.5)
+    assert not e.timers_changed
+    e.submit(["h/a"], 0.0)
+    assert e.timers_changed  # the linger ends at 0.5: the timer task must re-read get_timer()
+    e.timers_changed = False
+    e.handle_timer(0.5)
+    (ident, _), = e.take("n1", 10, 0.5)
+    assert not e.timers_changed
+    e.ack("n1", ident, 503, 0.5)
+    assert e.timers_changed and e.get_timer() > 0.5  # a retry is due later

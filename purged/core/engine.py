@@ -82,6 +82,9 @@ class Engine:
         self._acks_since_trim = 0
         self._next_maintenance = now + 1.0 if policy.max_lag else None
         self.gates_changed = False  # a gate opened or a deferral fell due: the I/O layer wakes senders
+        # get_timer() may have become earlier (a retry, deferral, throttle, tier mark or lingering purge):
+        # the I/O layer re-reads it. A flag keeps get_timer's scan of every node off the per-read hot path.
+        self.timers_changed = False
         self.started = now
 
     # -- ingest -----------------------------------------------------------------------------------------------
@@ -136,6 +139,8 @@ class Engine:
         self._batches[batch_id] = _Batch(li, hi + 1, len(targets), now)
         while len(self._batches) > self.policy.recent_batches:
             self._batches.popitem(last=False)
+        if self.policy.linger > 0:
+            self.timers_changed = True  # the new purges become readable when their linger ends
         return Receipt(batch_id, len(targets), coalesced)
 
     # -- sending ----------------------------------------------------------------------------------------------
@@ -156,6 +161,7 @@ class Engine:
         if node.name not in self._throttled:
             node.stats.rate_limited += 1
             self._throttled[node.name] = node.bucket.when_available(1)
+            self.timers_changed = True
 
     def take(self, name: str, limit: int, now: float) -> list[tuple[int, str]]:
         """The next purges ``(id, target)`` for node ``name``: due retries and deferrals first, then new
@@ -180,6 +186,7 @@ class Engine:
                     until = dedup.blocked_until(target, now)
                     if until is not None:  # sent again since this was deferred
                         heapq.heappush(node.retries, (until, ident))
+                        self.timers_changed = True
                         continue
                     dedup.sent(target, now)
                 node.inflight.add(ident)
@@ -224,6 +231,7 @@ class Engine:
                 until = dedup.blocked_until(entry.target, now)
                 if until is not None:
                     heapq.heappush(node.retries, (until, ident))  # trailing edge: sent once, at window end
+                    self.timers_changed = True
                     stats.deferred += 1
                     continue
                 dedup.sent(entry.target, now)
@@ -283,6 +291,7 @@ class Engine:
                 if ident in node.inflight:
                     node.inflight.discard(ident)
                     heapq.heappush(node.retries, (now, ident))
+                    self.timers_changed = True
 
     def _failed(self, node: Node, now: float) -> None:
         node.failures += 1
@@ -302,6 +311,7 @@ class Engine:
     def _schedule_retry(self, node: Node, ident: int, now: float) -> None:
         node.inflight.discard(ident)
         heapq.heappush(node.retries, (now + self._backoff(node.failures), ident))
+        self.timers_changed = True
 
     # -- timers -----------------------------------------------------------------------------------------------
 
@@ -310,6 +320,9 @@ class Engine:
             if lane.gates_changed:
                 lane.gates_changed = False
                 self.gates_changed = True
+            if lane.timers_changed:
+                lane.timers_changed = False
+                self.timers_changed = True
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next has something to do."""

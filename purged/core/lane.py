@@ -45,6 +45,7 @@ class Lane:
             self.tiers.append(gates)
         self.dc_appended = [0] * len(topology.datacenters)
         self.gates_changed = False
+        self.timers_changed = False  # a tier mark was recorded: its delay ends at a new time
         self.outbox: list[tuple[int, str, float]] | None = None  # new entries, for the journal when enabled
 
     def append(self, target: str, now: float, mask: int) -> tuple[int, bool]:
@@ -93,6 +94,7 @@ class Lane:
             self.gates_changed = True
         else:
             tier.marks.append((position, now))
+            self.timers_changed = True
 
     def get_timer(self) -> float | None:
         when: float | None = None
