@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 
 from .core.errors import InvalidURL
 from .core.urls import validate_host
-from .validate import Errors, fields, join, list_of, mapping, number, positive, string, type_name
+from .validate import Errors, fields, join, list_of, mapping, number, positive, show, string, type_name
 
 
 class ConfigError(Exception):
@@ -141,14 +142,15 @@ def _address(value: Any, path: str, errs: Errors, *, listen: bool = False) -> Ad
         return None
     host, sep, port = text.rpartition(":")
     lowest = 0 if listen else 1
-    if not sep or not port.isdigit() or not lowest <= int(port) < 65536 or not host:
-        errs.add(path, f"expected host:port, got {text!r}")
+    if not sep or not port.isascii() or not port.isdigit() or len(port) > 5 or not lowest <= int(port) < 65536 \
+            or not host:
+        errs.add(path, f"expected host:port, got {show(text)}")
         return None
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         validate_host(host if ":" not in host else f"[{host}]")
     except InvalidURL as exc:
-        errs.add(path, f"invalid host {host!r}: {exc.detail}")
+        errs.add(path, f"invalid host {show(host)}: {exc.detail}")
         return None
     return Address(host, int(port))
 
@@ -166,7 +168,12 @@ def _parse_multicast(value: Any, path: str, errs: Errors) -> MulticastListen | N
         m,
         path,
         errs,
-        {"port": positive(minimum=1, integer=True), "rcvbuf": positive(minimum=4096, integer=True), "rate": positive(), "burst": positive()},
+        {
+            "port": positive(minimum=1, integer=True),
+            "rcvbuf": positive(minimum=4096, maximum=2**31 - 1, integer=True),  # SO_RCVBUF is a C int
+            "rate": positive(),
+            "burst": positive(),
+        },
     )
     if kw.get("port", 1) > 65535:
         errs.add(join(path, "port"), "must be <= 65535")
@@ -175,14 +182,14 @@ def _parse_multicast(value: Any, path: str, errs: Errors) -> MulticastListen | N
             try:
                 ip = ipaddress.ip_address(m[key])
             except (ValueError, TypeError):
-                errs.add(join(path, key), f"expected an IP address, got {m[key]!r}")
+                errs.add(join(path, key), f"expected an IP address, got {show(m[key])}")
                 continue
             if key == "group" and not ip.is_multicast:
                 errs.add(join(path, key), f"{ip} is not a multicast address")
             kw[key] = str(ip)
     if "format" in m:
         if m["format"] not in ("htcp", "msgpack"):
-            errs.add(join(path, "format"), f"expected htcp or msgpack, got {m['format']!r}")
+            errs.add(join(path, "format"), f"expected htcp or msgpack, got {show(m['format'])}")
         else:
             kw["format"] = m["format"]
     if "sources" in m:
@@ -192,7 +199,7 @@ def _parse_multicast(value: Any, path: str, errs: Errors) -> MulticastListen | N
             try:
                 nets.append(ipaddress.ip_network(item, strict=False))
             except (ValueError, TypeError):
-                errs.add(f"{path}.sources[{i}]", f"expected a network like 10.0.0.0/8, got {item!r}")
+                errs.add(f"{path}.sources[{i}]", f"expected a network like 10.0.0.0/8, got {show(item)}")
         kw["sources"] = tuple(nets)
     return MulticastListen(**kw) if len(errs.items) == before else None
 
@@ -318,7 +325,7 @@ def _parse_state_dir(value: Any, path: str, errs: Errors) -> Any:
 
 def _parse_durability(value: Any, path: str, errs: Errors) -> str | None:
     if value not in DURABILITY:
-        errs.add(path, f"expected one of {', '.join(DURABILITY)}, got {value!r}")
+        errs.add(path, f"expected one of {', '.join(DURABILITY)}, got {show(value)}")
         return None
     return value
 
@@ -343,7 +350,7 @@ def parse_config(data: Any) -> Config:
         errs.add("datacenters", f"expected a non-empty mapping of name: datacenter, got {type_name(m['datacenters'])}")
     else:
         for name, value in m["datacenters"].items():
-            path = f"datacenters.{name}"
+            path = join("datacenters", name)
             if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
                 errs.add(path, "data centre names must be letters, digits, - and _")
                 continue
@@ -382,15 +389,78 @@ def parse_config(data: Any) -> Config:
     return Config(datacenters=tuple(dcs), **kw)
 
 
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file past this is a mistake (or /dev/zero)
+
+
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that refuses duplicate keys (YAML 1.2 forbids them; PyYAML silently keeps the last,
+    so a second ``sender:`` would quietly undo the first) and reports a value it cannot build (an integer past
+    4300 digits, a 30th of February) as a YAML error at its line instead of a bare ValueError."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+            if isinstance(node, yaml.MappingNode):
+                seen: set = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": explicit keys may override
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:  # unhashable: the base class reports it
+                        continue
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark, f"found duplicate key {show(key)}",
+                            key_node.start_mark,
+                        )
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_object(self, node, deep=False):  # type: ignore[no-untyped-def]
+            try:
+                return super().construct_object(node, deep=deep)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"cannot read this value: {exc}", node.start_mark
+                ) from None
+
+    return Loader
+
+
 def load_config(path: str) -> Config:
-    """Read a YAML file and parse it; YAML syntax errors become a :class:`ConfigError` too."""
+    """Read a YAML file and parse it. Every problem with the file (unreadable, not UTF-8, not YAML, not a
+    mapping, bad values) is a :class:`ConfigError`; nothing else escapes (SIGHUP relies on it)."""
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except ValueError as exc:  # a NUL byte or an unencodable character in the path
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is it the config file?"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            [f"{path}: line {line}, column {column}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]
+        ) from None
+    try:
+        stream = io.StringIO(text.removeprefix("\ufeff"))
+        stream.name = path  # marks name the file, not "<unicode string>"
+        loader = _yaml_loader()(stream)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     return parse_config(data)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,27 @@ class Errors:
         self.items.append(f"{path}: {message}" if path else message)
 
 
-def join(path: str, key: str) -> str:
+# Past this, a number is a typo (in seconds: 30 million years) and integers stop being exact as floats; it also keeps
+# huge integers (YAML reads 1000 digits happily) away from float(), which raises OverflowError past 1.8e308.
+MAX_NUMBER = 10**15
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` safe for error messages: short, one line, and never raising (``repr`` of an integer past
+    4300 digits raises ValueError)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"{'-' if value < 0 else ''}an integer of {len(format(abs(value), 'x'))} hex digits"
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ (not from YAML, but parse_config takes any mapping)
+        text = f"<{type_name(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def join(path: str, key: Any) -> str:
+    """``path.key``; a key that is not a plain printable string is shown as its repr (no newline in a message)."""
+    if not isinstance(key, str) or not key.isprintable():
+        key = show(key)
     return f"{path}.{key}" if path else key
 
 
@@ -30,19 +51,33 @@ def mapping(value: Any, path: str, errs: Errors, allowed: set[str]) -> Mapping[s
         return None
     for key in value:
         if not isinstance(key, str):
-            errs.add(path, f"keys must be strings, got {key!r}")
+            errs.add(path, f"keys must be strings, got {show(key)}")
         elif key not in allowed:
             errs.add(join(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
     return value
 
 
-def number(value: Any, path: str, errs: Errors, *, minimum: float = 0.0, integer: bool = False) -> Any:
+_NUMERIC_STRING = re.compile(r"[-+]?(?:[0-9][0-9_]*)?\.?[0-9_]*[eE][-+]?[0-9]+\Z")
+
+
+def number(
+    value: Any, path: str, errs: Errors, *, minimum: float = 0.0, maximum: float = MAX_NUMBER, integer: bool = False
+) -> Any:
     ok_types = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types) or not math.isfinite(value):
-        errs.add(path, f"expected {'an integer' if integer else 'a number'}, got {type_name(value)}")
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        hint = ""
+        if isinstance(value, str) and _NUMERIC_STRING.match(value):  # YAML 1.1 reads 1e5 (no dot) as a string
+            hint = f" {show(value)} (YAML reads an exponent as a number only with a dot and a sign: 1.0e+5)"
+        errs.add(path, f"expected {'an integer' if integer else 'a number'}, got {type_name(value)}{hint}")
+        return None
+    if isinstance(value, float) and not math.isfinite(value):  # .nan, .inf, 1.0e+400 (not isfinite(int): overflows)
+        errs.add(path, f"expected a finite number, got {value}")
         return None
     if value < minimum:
-        errs.add(path, f"must be >= {minimum:g}, got {value}")
+        errs.add(path, f"must be >= {minimum:g}, got {show(value)}")
+        return None
+    if value > maximum:
+        errs.add(path, f"must be <= {maximum:g}, got {show(value)}")
         return None
     return value
 
@@ -51,6 +86,12 @@ def string(value: Any, path: str, errs: Errors) -> str | None:
     if not isinstance(value, str) or not value:
         errs.add(path, f"expected a non-empty string, got {type_name(value)}")
         return None
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # YAML's "\ud800" escape: a lone surrogate, not a character
+            errs.add(path, f"contains a lone surrogate, got {show(value)}")
+            return None
     return value
 
 
