@@ -67,6 +67,8 @@ class Limits:
     max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it. 0: off
     client_rate: float = 0.0  # purges/s accepted per HTTP client address; 0: unlimited
     client_burst: float = 0.0
+    max_request_bytes: int = 16384  # a URL whose PURGE request would be larger is rejected (Varnish: 32 KB)
+    max_waiters: int = 1000  # open ?wait= long-polls; past it a status answers at once
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Sender:
     retry_initial: float = 0.1  # first backoff, seconds; doubles per consecutive failure
     retry_max: float = 30.0
     down_after: int = 5  # consecutive failures before a node is marked down and only probed
+    poison_after: int = 5  # failures following the same purge before it is set aside for that node; 0: never
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,8 @@ def _parse_limits(value: Any, path: str, errs: Errors) -> Limits | None:
         "max_age": positive(),
         "client_rate": positive(),
         "client_burst": positive(),
+        "max_request_bytes": positive(minimum=256, integer=True),
+        "max_waiters": positive(integer=True),
     }
     m = mapping(value, path, errs, set(spec))
     return None if m is None else Limits(**fields(m, path, errs, spec))
@@ -251,6 +256,7 @@ def _parse_sender(value: Any, path: str, errs: Errors) -> Sender | None:
         "retry_initial": positive(minimum=0.001),
         "retry_max": positive(minimum=0.001),
         "down_after": positive(minimum=1, integer=True),
+        "poison_after": positive(integer=True),
     }
     m = mapping(value, path, errs, set(spec))
     return None if m is None else Sender(**fields(m, path, errs, spec))

@@ -1,8 +1,8 @@
-"""Daemon: builds the engine and every adapter from the config, starts each with ``nursery.start``, and handles
-signals (SIGTERM/SIGINT: stop intake, drain under a deadline, final journal checkpoint, exit; SIGHUP: reload).
+"""Daemon: builds the engine, admission, driver and every adapter from the config, starts each with
+``nursery.start``, and handles signals (SIGTERM/SIGINT: stop intake, checkpoint or drain, exit; SIGHUP: reload).
 
-:class:`Service` is the small shared context adapters talk to: the engine, the clock, and the wake-ups that
-turn the synchronous engine's state changes into trio scheduling.
+:class:`Service` is the composition root: it owns the parts and hands each adapter the narrow port it needs
+(the :class:`~purged.net.driver.Driver` for senders, the API and multicast); no adapter imports this module.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -19,34 +18,21 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config, ConfigError, load_config
-from .core.engine import Engine, Policy, Receipt
-from .core.errors import Overloaded
-from .core.limits import TokenBucket
+from .core.admission import Admission, URLRules
+from .core.engine import Engine, Policy
 from .core.reload import reconfigure
 from .core.topology import DatacenterSpec, TierSpec, Topology
 from .metrics import EngineCollector, JournalCollector, MulticastCollector, SenderCollector
 from .net import systemd
+from .net.driver import Driver
 from .net.http_api import API, serve_http
-from .net.journal import Journal, JournalError
+from .net.journal import Journal
 from .net.multicast import MulticastStats, serve_multicast
 from .net.sender import NodeSender
 
 log = logging.getLogger("purged")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd (backlog and rate)
-
-
-class Signal:
-    """A broadcast wake-up: ``await wait()`` until the next ``fire()``."""
-
-    def __init__(self) -> None:
-        self._lot = trio.lowlevel.ParkingLot()
-
-    async def wait(self) -> None:
-        await self._lot.park()
-
-    def fire(self) -> None:
-        if self._lot:
-            self._lot.unpark_all()
+JOURNAL_STOP_GRACE = 1.0  # on SIGTERM with a healthy journal: time for answers already on the wire
 
 
 def build_topology(config: Config) -> Topology:
@@ -66,13 +52,23 @@ def build_policy(config: Config) -> Policy:
         retry_initial=s.retry_initial,
         retry_max=s.retry_max,
         down_after=s.down_after,
+        poison_after=s.poison_after,
         dedup_window=config.dedup.window,
         linger=config.dedup.linger,
-        max_pending=lim.max_pending,
         max_lag=lim.max_lag,
         max_age=lim.max_age,
         recent_batches=lim.recent_batches,
     )
+
+
+def admission_limits(config: Config) -> dict:
+    lim = config.limits
+    return {
+        "client_rate": lim.client_rate,
+        "client_burst": lim.client_burst,
+        "max_pending": lim.max_pending,
+        "rules": URLRules(max_length=lim.max_url_length, max_request_bytes=lim.max_request_bytes),
+    }
 
 
 def node_rates(config: Config) -> dict[str, tuple[float, float]]:
@@ -93,14 +89,12 @@ class Service:
             rates=node_rates(cfg),
             batch_prefix=secrets.token_hex(4) + "-",  # ids stay unique across restarts
         )
-        self.work = Signal()  # new purges, a tier gate opened, a retry fell due
-        self.progress = Signal()  # a node answered: batch status may have changed
-        self.timers = Signal()  # the engine's next timer may be earlier now
+        self.admission = Admission(self.engine, **admission_limits(cfg))
+        self.driver = Driver(self.engine, self.admission, max_waiters=cfg.limits.max_waiters)
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
-        self.heartbeat = trio.current_time()
         self.journal: Journal | None = None
-        self.api: API | None = None
+        self.api = API(self.driver, cfg.limits, health=self.health, metrics=self.render_metrics)
         self.nursery: trio.Nursery | None = None  # where senders run (set by serve)
         self._sender_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.reloads = {"ok": 0, "error": 0}
@@ -111,56 +105,30 @@ class Service:
         self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
         self.registry.register(SenderCollector(lambda: self.senders, lambda: self.engine))
 
-    def submit(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
-        receipt = self.engine.submit(targets, trio.current_time(), source, priority)
-        self.work.fire()
-        self._rearm_timer()
-        if self.journal is not None:
-            self.journal.kick()
-        return receipt
+    def open_journal(self) -> None:
+        j, cfg = self.config.journal, self.config
+        assert cfg.state_dir is not None
+        journal = Journal(cfg.state_dir, cfg.durability, segment_bytes=j.segment_bytes,
+                          sync_interval=j.sync_interval, checkpoint_interval=j.checkpoint_interval)
+        journal.open(self.engine)
+        self.journal = self.driver.journal = journal
+        self.driver.poke()
 
-    def multicast_ingest(self, listen) -> Callable[[list[str], str], None]:
-        """The ingest callback of one multicast listener. Datagrams cannot be pushed back: over the group's
-        ``rate`` or the ``max_pending`` ceiling the purges are dropped, counted (reason ``overload``) and the
-        listener logs it. Not awaited on the journal either: ``durability`` batches them with the next write."""
+    def multicast_ingest(self, listen):
+        """The ingest callback of one multicast listener: admission with the group's own ``rate``, never
+        waiting on the journal (``durability`` batches datagrams with the next write)."""
         source = f"multicast:{listen.group}:{listen.port}"
-        bucket = TokenBucket(listen.rate, listen.burst or listen.rate, trio.current_time()) if listen.rate else None
+        self.admission.limit_source(source, listen.rate, listen.burst, trio.current_time())
 
-        def ingest(targets: list[str], sender: str) -> None:
-            if bucket is not None:
-                now = trio.current_time()
-                if bucket.available(now) < min(len(targets), bucket.burst):
-                    self.engine.reject(source, "rate_limited", len(targets))
-                    raise Overloaded(f"{source} is over its rate of {listen.rate:g} purges/s", reason="rate_limited")
-                bucket.consume(len(targets), now)
-            if self.journal is not None and self.journal.error is not None:
-                self.engine.reject(source, self.journal.error.reason, len(targets))
-                raise Overloaded("the journal cannot write", reason=self.journal.error.reason)
-            self.submit(targets, source)
+        def ingest(urls: list[str], sender: str) -> list[dict]:
+            return self.driver.ingest(urls, source, bare_host=True).rejected
 
         return ingest
-
-    async def accept(self, targets: list[str], source: str, priority: str = "bulk") -> Receipt:
-        """:meth:`submit`, then wait until the journal holds the batch as ``durability`` promises. Raises
-        :class:`JournalError` (a 503) while the journal cannot write: nothing is accepted then. If the write of
-        this very batch fails it still raises, though the purges are in memory and will be delivered: the
-        client retries, and a repeated purge is harmless."""
-        journal = self.journal
-        if journal is not None:
-            try:
-                journal.check()
-            except JournalError as exc:
-                self.engine.reject(source, exc.reason, len(targets))
-                raise
-        receipt = self.submit(targets, source, priority)
-        if journal is not None:
-            await journal.commit()
-        return receipt
 
     async def start_sender(self, address) -> None:
         """Run a :class:`NodeSender` for ``address`` in the daemon nursery, in a scope of its own."""
         assert self.nursery is not None
-        sender = NodeSender(self, address, self.config.sender)
+        sender = NodeSender(self.driver, address, self.config.sender)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -180,6 +148,7 @@ class Service:
         scope.cancel()
         with trio.move_on_after(10):
             await done.wait()
+        self.driver.forget(name)
 
     async def reload(self, new: Config) -> None:
         """Apply ``new`` (already validated): nodes, data centres, limits, shaping. Listeners and the journal
@@ -193,18 +162,17 @@ class Service:
             await self.stop_sender(name)  # before the engine forgets the node: no task asks about it after
         report = reconfigure(self.engine, build_topology(new), build_policy(new), node_rates(new),
                              trio.current_time())
+        self.admission.configure(**admission_limits(new))
+        self.driver.max_waiters = new.limits.max_waiters
         self.config = new
         for sender in self.senders.values():
-            if sender.cfg.window == sender.window:
-                sender.window = new.sender.window
-            sender.cfg = new.sender
+            sender.reconfigure(new.sender)
         for dc in new.datacenters:
             for tier in dc.tiers:
                 for address in tier.nodes:
                     if str(address) not in self.senders:
                         await self.start_sender(address)
-        if self.api is not None:
-            self.api.limits = new.limits
+        self.api.limits = new.limits
         for name, count in report.removed.items():
             dc, tier = report.removed_place[name]
             self.removed_drops[(dc, tier, name)] = self.removed_drops.get((dc, tier, name), 0) + count
@@ -213,64 +181,27 @@ class Service:
             len(self.senders), ", ".join(report.added) or "none", ", ".join(report.removed) or "none",
             sum(report.removed.values()), ", ".join(report.moved) or "none",
         )
-        self.work.fire()
-        self.timers.fire()
-        self.progress.fire()
+        self.driver.poke()
 
-    def changed(self) -> None:
-        """Called by senders after they fed the engine: wake whoever may now proceed."""
-        engine = self.engine
-        self.progress.fire()
-        self._rearm_timer()
-        if engine.gates_changed:
-            engine.gates_changed = False
-            self.work.fire()
-
-    def _rearm_timer(self) -> None:
-        """Wake the timer task only when the engine's next timer may have moved earlier."""
-        if self.engine.timers_changed:
-            self.engine.timers_changed = False
-            self.timers.fire()
-
-    async def wait_for_work(self, name: str) -> None:
-        while not self.engine.has_work(name, trio.current_time()):
-            self._rearm_timer()  # has_work may have found the node rate-limited: wake it when tokens return
-            await self.work.wait()
-
-    async def run_timers(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        """Drive the engine's timers (retries falling due, tier delays ending)."""
+    async def serve_status(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Every few seconds, one STATUS= line to systemd: what is owed and the PURGE rate."""
         task_status.started()
         engine = self.engine
-        status_at, sent_before = trio.current_time(), 0
+        before, then = 0, trio.current_time()
         while True:
-            now = trio.current_time()
-            self.heartbeat = now
-            if now - status_at >= STATUS_INTERVAL:
-                sent = sum(node.stats.sent for node in self.engine.nodes.values())
-                systemd.status(f"{self.backlog()} purges owed to {len(self.engine.nodes)} nodes, "
-                               f"{(sent - sent_before) / (now - status_at):.0f} PURGE/s")
-                status_at, sent_before = now, sent
-            when = engine.get_timer()
-            # Wake at least once a second: the heartbeat tells the systemd watchdog this loop is alive.
-            with trio.move_on_at(min(when, now + 1.0) if when is not None else now + 1.0):
-                await self.timers.wait()
-            engine.timers_changed = False  # get_timer() is read afresh at the top of the loop
-            engine.handle_timer(trio.current_time())
-            engine.gates_changed = False
-            self.work.fire()
-
-    def alive(self) -> bool:
-        """For the systemd watchdog: the engine's timer loop ran recently (a stuck loop gets us restarted)."""
-        return trio.current_time() - self.heartbeat < 5.0
+            await trio.sleep(STATUS_INTERVAL)
+            sent, now = sum(node.stats.sent for node in engine.nodes.values()), trio.current_time()
+            systemd.status(f"{self.backlog()} purges owed to {len(engine.nodes)} nodes, "
+                           f"{(sent - before) / (now - then):.0f} PURGE/s")
+            before, then = sent, now
 
     def backlog(self) -> int:
-        return sum(self.engine.backlog(n) for n in self.engine.nodes)
+        return self.engine.total_backlog()
 
     def health(self) -> dict:
-        now = trio.current_time()
-        stats = self.engine.statistics(now)
+        stats = self.engine.statistics(trio.current_time())
         return {
-            "status": "draining" if self.api is not None and self.api.stopping.is_set() else "ok",
+            "status": "draining" if self.api.stopping.is_set() else "ok",
             "log_entries": stats["log_entries"],
             "unique_pending": stats["unique_pending"],
             "nodes": stats["nodes"],
@@ -294,11 +225,7 @@ async def serve(
     """
     service = Service(config)
     if config.state_dir is not None:
-        j = config.journal
-        journal = Journal(config.state_dir, config.durability, segment_bytes=j.segment_bytes,
-                          sync_interval=j.sync_interval, checkpoint_interval=j.checkpoint_interval)
-        journal.open(service.engine)
-        service.journal = journal
+        service.open_journal()
     try:
         await _run(service, config, config_path, task_status)
     finally:
@@ -312,13 +239,13 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
             service.nursery = nursery
             if service.journal is not None:
                 await nursery.start(service.journal.serve)
-            await nursery.start(service.run_timers)
+            await nursery.start(service.driver.run_timers)
+            await nursery.start(service.serve_status)
             for dc in config.datacenters:
                 for tier in dc.tiers:
                     for address in tier.nodes:
                         await service.start_sender(address)
             intake: list[trio.CancelScope] = []  # one per intake server: SIGTERM cancels them all
-            service.api = API(service)
             for i, listen in enumerate(config.listen.multicast):
                 stats = service.multicast[f"{listen.group}:{listen.port}"] = MulticastStats()
                 serve = partial(serve_multicast, listen, service.multicast_ingest(listen), stats,
@@ -336,25 +263,36 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 len(config.datacenters),
                 f"{config.state_dir} ({config.durability})" if config.state_dir else "off",
             )
-            await nursery.start(systemd.serve_watchdog, service.alive)
+            await nursery.start(systemd.serve_watchdog, service.driver.alive)
             systemd.ready(f"{len(service.senders)} nodes")
             task_status.started(service)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await _reload(service, config_path)
                     continue
-                timeout = service.config.shutdown_timeout
-                log.info("received %s: stopping intake, draining for up to %gs", signal.Signals(signum).name, timeout)
-                systemd.stopping()
-                systemd.extend_timeout(timeout + 5)
-                service.api.stopping.set()
-                for scope in intake:
-                    scope.cancel()
-                await _drain(service, timeout)
-                if service.journal is not None:
-                    await service.journal.close()  # what is left is replayed at the next start
+                await _stop(service, signal.Signals(signum).name, intake)
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _stop(service: Service, signame: str, intake: list[trio.CancelScope]) -> None:
+    """Stop intake; then, with a healthy journal, checkpoint and exit at once (the purges still owed are safe
+    on disk and replayed at the next start); without one, or while it cannot write, drain under the deadline."""
+    journal = service.journal
+    timeout = service.config.shutdown_timeout
+    if journal is not None and journal.error is None:
+        timeout = min(timeout, JOURNAL_STOP_GRACE)
+        log.info("received %s: stopping intake; the journal keeps what is owed (grace %gs)", signame, timeout)
+    else:
+        log.info("received %s: stopping intake, draining for up to %gs", signame, timeout)
+    systemd.stopping()
+    systemd.extend_timeout(timeout + 35)  # the drain, then the final journal flush (bounded at 30 s)
+    service.api.stopping.set()
+    for scope in intake:
+        scope.cancel()
+    await _drain(service, timeout)
+    if journal is not None:
+        await journal.close()  # what is left is replayed at the next start
 
 
 async def _reload(service: Service, path: str | None) -> None:
@@ -388,14 +326,15 @@ async def _drain(service: Service, timeout: float) -> None:
     extended = trio.current_time()
     with trio.move_on_at(deadline):
         while service.backlog():
-            with trio.move_on_after(1.0):
-                await service.progress.wait()
+            await service.driver.wait_progress(1.0)
             now = trio.current_time()
             if now - extended >= 5.0:  # keep systemd's stop timeout ahead of our own deadline
                 extended = now
                 systemd.extend_timeout(deadline - now + 5)
     left = service.backlog()
-    if left:
+    if left and service.journal is not None and service.journal.error is None:
+        log.info("shutdown: %d purges still owed to nodes; the journal holds them for the next start", left)
+    elif left:
         log.warning("shutdown: %d purges still owed to nodes after %gs", left, timeout)
     else:
         log.info("shutdown: every accepted purge delivered")

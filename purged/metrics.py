@@ -34,10 +34,10 @@ class EngineCollector(Collector):
         stats = engine.statistics(self._now())
         nodes = stats["nodes"]
 
-        def node_family(cls: type, name: str, doc: str, value: Callable[[str, dict], float]) -> Any:
+        def node_family(cls: type, name: str, doc: str, value: Callable[[str, Any], float]) -> Any:
             fam = cls(name, doc, labels=NODE_LABELS)
             for node, st in nodes.items():
-                fam.add_metric([st["dc"], st["tier"], node], value(node, st))
+                fam.add_metric([st.dc, st.tier, node], value(node, st))
             return fam
 
         requests = CounterMetricFamily(
@@ -48,7 +48,7 @@ class EngineCollector(Collector):
         for node, ns in stats["node_stats"].items():
             st = nodes[node]
             for status, count in ns.responses.items():
-                key = (str(status), st["tier"], st["dc"])
+                key = (str(status), st.tier, st.dc)
                 totals[key] = totals.get(key, 0) + count
             for kind, count in ns.errors.items():
                 tcp_errors[kind] = tcp_errors.get(kind, 0) + count
@@ -64,20 +64,20 @@ class EngineCollector(Collector):
         )
         for node, ns in stats["node_stats"].items():
             for kind, count in sorted(ns.errors.items()):
-                node_errors.add_metric([nodes[node]["dc"], nodes[node]["tier"], node, kind], count)
+                node_errors.add_metric([nodes[node].dc, nodes[node].tier, node, kind], count)
         yield node_errors
         ns_ = stats["node_stats"]
-        yield node_family(GaugeMetricFamily, "purged_backlog", "Purges a node still owes", lambda n, s: s["backlog"])
+        yield node_family(GaugeMetricFamily, "purged_backlog", "Purges a node still owes", lambda n, s: s.backlog)
         yield node_family(
             GaugeMetricFamily,
             "purged_backlog_oldest_seconds",
             "Age of the oldest purge a node still owes",
-            lambda n, s: s["oldest_pending_seconds"],
+            lambda n, s: s.oldest_pending_seconds,
         )
         yield node_family(GaugeMetricFamily, "purged_node_up", "1 while a node answers, 0 while marked down",
-                          lambda n, s: 0 if s["state"] == "down" else 1)
+                          lambda n, s: 0 if s.state == "down" else 1)
         yield node_family(GaugeMetricFamily, "purged_inflight", "PURGEs sent and not answered yet",
-                          lambda n, s: s["inflight"])
+                          lambda n, s: s.inflight)
         yield node_family(CounterMetricFamily, "purged_purges_sent", "PURGE requests written to a node",
                           lambda n, s: ns_[n].sent)
         yield node_family(CounterMetricFamily, "purged_retries", "PURGEs resent after a failure or a 5xx",
@@ -97,7 +97,7 @@ class EngineCollector(Collector):
         )
         for node, ns in stats["node_stats"].items():
             for reason, count in sorted(ns.dropped.items()):
-                node_dropped.add_metric([nodes[node]["dc"], nodes[node]["tier"], node, reason], count)
+                node_dropped.add_metric([nodes[node].dc, nodes[node].tier, node, reason], count)
         for (dc, layer, node), count in sorted(self._removed().items()):
             node_dropped.add_metric([dc, layer, node, "node_removed"], count)
         yield node_dropped

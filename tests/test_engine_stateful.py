@@ -34,8 +34,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.arrivals: list[tuple[str, float]] = []
         self.outstanding: dict[str, list[tuple[int, str, float]]] = {n: [] for n in NODES}
-        # node -> (target, sent, acked, ident) of each acknowledged PURGE
-        self.delivered: dict[str, list[tuple[str, float, float, int]]] = {n: [] for n in NODES}
+        # node -> (target, sent, acked, ident, accepted_at of its entry) of each acknowledged PURGE
+        self.delivered: dict[str, list[tuple[str, float, float, int, float]]] = {n: [] for n in NODES}
 
     @rule(urls=st.lists(st.sampled_from(TARGETS), min_size=1, max_size=4), high=st.booleans())
     def submit(self, urls, high):
@@ -45,21 +45,24 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(node=st.sampled_from(NODES), n=st.integers(1, 5))
     def take(self, node, n):
         for ident, target in self.engine.take(node, n, self.now):
-            self.outstanding[node].append((ident, target, self.now))
+            self.outstanding[node].append((ident, target, self.now, self._accepted_at(ident)))
+
+    def _accepted_at(self, ident):
+        return self.engine.lanes[ident & 1].log.get(ident >> 1).accepted_at
 
     @precondition(lambda self: any(self.outstanding.values()))
     @rule(data=st.data(), status=st.sampled_from([200, 200, 404, 503]))
     def answer(self, data, status):
         node = data.draw(st.sampled_from([n for n in NODES if self.outstanding[n]]))
-        ident, target, sent = self.outstanding[node].pop(0)  # responses come back in order
+        ident, target, sent, at = self.outstanding[node].pop(0)  # responses come back in order
         if self.engine.ack(node, ident, status, self.now) == "ok":
-            self.delivered[node].append((target, sent, self.now, ident))
+            self.delivered[node].append((target, sent, self.now, ident, at))
 
     @precondition(lambda self: any(self.outstanding.values()))
     @rule(data=st.data(), graceful=st.booleans())
     def connection_lost(self, data, graceful):
         node = data.draw(st.sampled_from([n for n in NODES if self.outstanding[n]]))
-        idents = [i for i, _, _ in self.outstanding[node]]
+        idents = [i for i, _, _, _ in self.outstanding[node]]
         self.outstanding[node] = []
         if graceful:
             self.engine.requeue(node, idents, self.now)
@@ -82,16 +85,17 @@ class EngineMachine(RuleBasedStateMachine):
             return
         e = self.engine
         for node in NODES:  # answer whatever is still on the wire
-            for ident, target, sent in self.outstanding[node]:
+            for ident, target, sent, at in self.outstanding[node]:
                 if e.ack(node, ident, 200, self.now) == "ok":
-                    self.delivered[node].append((target, sent, self.now, ident))
+                    self.delivered[node].append((target, sent, self.now, ident, at))
         for _ in range(200):
             self.now += 40.0  # past any backoff (retry_max 30), window and delay
             e.handle_timer(self.now)
             for node in NODES:
                 for ident, target in e.take(node, 100, self.now):
+                    at = self._accepted_at(ident)
                     assert e.ack(node, ident, 200, self.now) == "ok"
-                    self.delivered[node].append((target, self.now, self.now, ident))
+                    self.delivered[node].append((target, self.now, self.now, ident, at))
             if all(e.backlog(n) == 0 for n in NODES):
                 break
         for node in NODES:
@@ -100,17 +104,17 @@ class EngineMachine(RuleBasedStateMachine):
                 host = target.split("/")[0]
                 if SERVES[node] not in (None, host):
                     continue
-                assert any(t == target and sent >= arrived for t, sent, _, _ in self.delivered[node]), (
+                assert any(t == target and sent >= arrived for t, sent, _, _, _ in self.delivered[node]), (
                     f"{target} arrived at {arrived} was never sent to {node} afterwards"
                 )
-        # Tier order: every frontend send of log entry (lane, seq) follows, by DELAY, each backend's
-        # acknowledgement of that entry or of a later entry for the same URL in the same lane (which
-        # superseded it for that backend).
-        for target, sent, _, ident in self.delivered["f1"]:
+        # Tier order: every frontend send of a log entry follows, by DELAY, each backend's acknowledgement of
+        # a PURGE of the same URL sent after that entry was accepted (the entry itself, a later one that
+        # superseded it, or an earlier one deferred by the dedup window to after its arrival).
+        for target, sent, _, ident, at in self.delivered["f1"]:
             for backend in ("b1", "b2"):
                 assert any(
-                    t == target and i & 1 == ident & 1 and i >= ident and acked + DELAY <= sent
-                    for t, _, acked, i in self.delivered[backend]
+                    t == target and bsent >= at and acked + DELAY <= sent
+                    for t, bsent, acked, _, _ in self.delivered[backend]
                 ), f"f1 got {target} (id {ident}) at {sent} before {backend} acked it + {DELAY}s"
 
 

@@ -170,7 +170,7 @@ def test_many_pipelined_responses_in_one_read():
     data = b"".join(purged_200(i) for i in range(2000))
     parser = ResponseParser()
     assert parser.feed(data) == [OK] * 2000
-    assert parser.idle and parser.reusable
+    assert parser.idle
 
 
 def test_responses_are_returned_as_each_completes():
@@ -224,7 +224,6 @@ def test_connection_close():
     parser = ResponseParser()
     data = b"HTTP/1.1 503 Busy\r\nConnection: Keep-Alive, CLOSE\r\nContent-Length: 4\r\n\r\nbusy"
     assert parser.feed(data[:-1]) == []
-    assert not parser.reusable  # known from the head: stop pipelining before the body is in
     assert parser.feed(data[-1:] + purged_200()) == [Response(503, False)]  # what follows is ignored
     assert parser.feed(purged_200()) == []
     assert parser.feed_eof() == []
@@ -266,7 +265,6 @@ def test_http10_chunked_closes_after_the_response():
 def test_body_until_close(head):
     parser = ResponseParser()
     assert parser.feed(head + b"some body") == []
-    assert not parser.reusable
     assert parser.feed(b"HTTP/1.1 200 OK\r\n\r\nmore body") == []  # all body
     assert parser.feed_eof() == [Response(200, False)]
     assert parser.feed_eof() == []
@@ -411,7 +409,6 @@ def test_bad_transfer_encoding(fields):
 def test_error_after_complete_responses_is_deferred():
     parser = ResponseParser()
     assert parser.feed(purged_200() + purged_200() + b"HTTP/1.1 2xx\r\n\r\n") == [OK, OK]
-    assert not parser.reusable
     with pytest.raises(ProtocolError) as first:
         parser.feed(b"")
     with pytest.raises(ProtocolError) as again:

@@ -7,8 +7,8 @@ import socket
 import pytest
 import trio
 
+from purged.core.admission import Refused, URLRules, validate_urls
 from purged.core.batchcodec import encode_batch
-from purged.core.errors import Overloaded
 from purged.core.htcp import encode_clr
 from purged.net import multicast
 from purged.net.multicast import MulticastListen, MulticastSetupError, MulticastStats, serve_multicast
@@ -21,10 +21,13 @@ class Recorder:
         self.calls: list[tuple[list[str], str]] = []
         self.fail = fail
 
-    def __call__(self, targets: list[str], label: str) -> None:
-        self.calls.append((list(targets), label))
+    def __call__(self, urls: list[str], label: str) -> list[dict]:
+        """Like admission: validate, record what was accepted, return the rejections (or refuse them all)."""
+        checked = validate_urls(urls, URLRules(allow_bare_host=True))
         if self.fail:
-            raise Overloaded("full")
+            raise Refused("full", reason="overload")
+        self.calls.append((checked.targets, label))
+        return checked.rejected
 
     def targets(self, label: str | None = None) -> list[str]:
         return [t for targets, lab in self.calls if label in (None, lab) for t in targets]
@@ -158,15 +161,6 @@ async def test_overload_drops_and_counts(nursery):
     assert stats.urls_accepted == 0
 
 
-async def test_unicast_group_needs_no_join(nursery):
-    ingest = Recorder()
-    stats, port = await start(nursery, listen(group="127.0.0.1"), ingest)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.sendto(encode_clr("test.com", 1), ("127.0.0.1", port))
-        await until(lambda: stats.packets["good"] == 1)
-    assert ingest.targets() == ["test.com/"]
-
-
 async def test_kernel_drops_are_counted(nursery):
     ingest = Recorder()
     stats, port = await start(nursery, listen(rcvbuf=4096), ingest)
@@ -213,8 +207,8 @@ async def test_rate_limited_log_reports_suppressed(mock_clock, caplog):
     ]
 
 
-def test_bind_failure_names_the_key():
-    with pytest.raises(MulticastSetupError, match=r"^.*listen\.multicast\[3\]: cannot bind 192\.0\.2\.77"):
+def test_a_unicast_group_is_refused_naming_the_key():
+    with pytest.raises(MulticastSetupError, match=r"^listen\.multicast\[3\]\.group: 192\.0\.2\.77 is not a multicast"):
         multicast.open_multicast_socket(listen(group="192.0.2.77"), "listen.multicast[3]")
 
 

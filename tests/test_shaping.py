@@ -4,8 +4,8 @@ import random
 
 import pytest
 
+from purged.core.admission import Admission, Refused
 from purged.core.engine import BULK, HIGH, Engine, Policy
-from purged.core.errors import Overloaded
 from purged.core.limits import DedupWindow, TokenBucket
 from purged.core.topology import DatacenterSpec, TierSpec, Topology
 
@@ -72,12 +72,15 @@ def test_rate_limit_paces_a_node_and_counts_waits():
     e = engine(rates={"n1": (100.0, 10.0)})
     e.submit([f"h/{i}" for i in range(50)], 0.0)
     assert len(send_all(e, "n1", 0.0)) == 10  # the burst
+    e.events()
     assert send_all(e, "n1", 0.0) == []
-    assert not e.has_work("n1", 0.0)
+    assert e.has_work("n1", 0.0)  # work waiting for tokens: take() applies the rate
     assert e.nodes["n1"].stats.rate_limited == 1
+    assert e.events().timer  # the node is woken when its bucket has a token again
     t = e.get_timer()
     assert t == pytest.approx(0.01)
     e.handle_timer(t)
+    assert e.events().wake == {"n1"}
     assert len(send_all(e, "n1", 0.1)) == 10
     assert e.backlog("n1") == 30  # nothing dropped for rate alone
 
@@ -97,17 +100,19 @@ def test_high_priority_overtakes_bulk_backlog():
     e.handle_timer(0.5)
     sent = send_all(e, "n1", 0.6)
     assert sent[0] == "h/urgent"
-    assert e.batch_status(r.batch_id)["done"] and e.batch_status(r.batch_id)["priority"] == "high"
+    assert e.batch_status(r.batch_id).done and e.batch_status(r.batch_id).priority == "high"
 
 
 def test_max_pending_refuses_whole_batches_and_counts_them():
-    e = engine(max_pending=3)
-    e.submit(["h/a", "h/b"], 0.0)
-    with pytest.raises(Overloaded):
-        e.submit(["h/c", "h/d"], 0.0, source="http")
+    e = engine()
+    admission = Admission(e, max_pending=3)
+    admission.admit(["http://h/a", "http://h/b"], source="http", now=0.0)
+    with pytest.raises(Refused) as refused:
+        admission.admit(["http://h/c", "http://h/d"], source="http", now=0.0)
+    assert refused.value.reason == "overload" and refused.value.retry_after > 0
     assert e.sources["http"].rejected["overload"] == 2
     send_all(e, "n1", 0.0)
-    e.submit(["h/c", "h/d"], 0.0)  # room again once delivered
+    admission.admit(["http://h/c", "http://h/d"], source="http", now=0.0)  # room again once delivered
 
 
 def test_memory_is_per_unique_url_not_per_node():
@@ -124,13 +129,13 @@ def test_max_lag_declares_a_node_out_of_sync():
     send_all(e, "fast", 0.0)
     e.handle_timer(1.0)
     st = e.node_state("slow", 1.0)
-    assert st["state"] == "out_of_sync" and st["backlog"] == 0
+    assert st.state == "out_of_sync" and st.backlog == 0
     assert e.nodes["slow"].stats.dropped["max_lag"] == 150
     assert e.trim() == 150  # the slow node no longer pins the log
     e.submit(["h/new"], 2.0)
     assert send_all(e, "slow", 2.0) == ["h/new"]  # it continues from the head
     e.handle_timer(3.0)
-    assert e.node_state("slow", 3.0)["state"] == "up"
+    assert e.node_state("slow", 3.0).state == "up"
 
 
 def test_max_age_drops_stale_purges_for_a_node():
@@ -154,14 +159,34 @@ def test_high_and_bulk_lanes_have_separate_tier_gates():
     assert [t for _, t in e.take("f", 10, 0.0)] == ["h/hi"]  # not held behind the unacked bulk purge
 
 
-def test_engine_flags_an_earlier_timer_for_the_io_layer():
+def test_engine_tells_the_io_layer_when_the_timer_may_be_earlier():
     e = engine(linger=0.5)
-    assert not e.timers_changed
+    e.events()
+    assert not e.events().timer
     e.submit(["h/a"], 0.0)
-    assert e.timers_changed  # the linger ends at 0.5: the timer task must re-read get_timer()
-    e.timers_changed = False
+    events = e.events()
+    assert events.timer and not events.wake  # the linger ends at 0.5: the timer task must re-read get_timer()
+    assert not e.events()  # drained
     e.handle_timer(0.5)
+    assert e.events().wake == {"n1"}  # the linger ended: the node may read
     (ident, _), = e.take("n1", 10, 0.5)
-    assert not e.timers_changed
+    assert not e.events().timer
     e.ack("n1", ident, 503, 0.5)
-    assert e.timers_changed and e.get_timer() > 0.5  # a retry is due later
+    assert e.events().timer and e.get_timer() > 0.5  # a retry is due later
+
+
+def test_dedup_window_sends_once_per_window_however_many_repeats():
+    """Issue 11 #5: sent at 0, then purged 20 times within 0.5 s: sent again once, at 2.0, never at 4.0."""
+    e = engine(dedup_window=2.0)
+    e.submit(["h/a"], 0.0)
+    sends = [(t, 0.0) for t in send_all(e, "n1", 0.0)]
+    now = 0.0
+    for i in range(20):
+        now = 0.025 * (i + 1)
+        e.submit(["h/a"], now)
+        sends += [(t, now) for t in send_all(e, "n1", now)]  # the node reads each repeat as it comes
+    while (when := e.get_timer()) is not None and when < 10.0:
+        e.handle_timer(when)
+        sends += [(t, when) for t in send_all(e, "n1", when)]
+    assert sends == [("h/a", 0.0), ("h/a", 2.0)]
+    assert e.backlog("n1") == 0

@@ -223,7 +223,7 @@ def test_notify_ready_after_replay_then_reload_then_stop(tmp_path):
     assert trio.run(replayed) == (5000, 0)
 
 
-def test_sigterm_drains_under_load_then_the_rest_is_replayed(tmp_path):
+def test_sigterm_with_a_journal_checkpoints_at_once_then_the_rest_is_replayed(tmp_path):
     edge = StubEdge(latency=0.0)
     state = tmp_path / "state"
     port = free_port()
@@ -233,10 +233,10 @@ def test_sigterm_drains_under_load_then_the_rest_is_replayed(tmp_path):
         async with trio.open_nursery() as nursery:
             edge_port = await nursery.start(serve_stub_edge, edge)
             node = f"127.0.0.1:{edge_port}"
-            # 1000 purges/s at most to the node: 5000 purges cannot drain within a 1.5 s shutdown_timeout.
-            config = write_config(tmp_path / "purged.yaml", [[node]], port, state, shutdown_timeout=1.5)
+            # 200 purges/s at most to the node: 5000 purges would take 25 s to drain, within shutdown_timeout.
+            config = write_config(tmp_path / "purged.yaml", [[node]], port, state, shutdown_timeout=30)
             cfg = yaml.safe_load(config.read_text())
-            cfg["datacenters"]["a"]["rate"] = 1000
+            cfg["datacenters"]["a"]["rate"] = 200
             config.write_text(yaml.safe_dump(cfg))
             purged = PurgedProcess(config, port, tmp_path)
             try:
@@ -253,11 +253,15 @@ def test_sigterm_drains_under_load_then_the_rest_is_replayed(tmp_path):
                 code = await trio.to_thread.run_sync(purged.wait, 15)
                 took = time.monotonic() - t0
                 assert code == 0, purged.output()
-                assert 1.4 < took < 5, took  # drained for shutdown_timeout, then a final checkpoint
+                # With a healthy journal the purges still owed are safe on disk: a short grace for answers on
+                # the wire and a final checkpoint, not a drain of 25 s (issue 11 #10).
+                assert took < 10, took
                 delivered_first = {r.path for r in edge.answered}
                 assert 0 < len(delivered_first) < len(accepted)
-                assert "still owed to nodes" in purged.output()
-                # Restart: what was left is replayed and delivered.
+                assert "the journal holds them for the next start" in purged.output()
+                # Restart (unpaced): what was left is replayed and delivered.
+                del cfg["datacenters"]["a"]["rate"]
+                config.write_text(yaml.safe_dump(cfg))
                 purged = PurgedProcess(config, port, tmp_path)
                 await trio.to_thread.run_sync(purged.wait_listening)
                 with trio.fail_after(20):

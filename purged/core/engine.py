@@ -1,9 +1,11 @@
 """Core layer: the engine, a sans-IO state machine over the lanes (purge logs), nodes and their policies.
 
-The I/O layer feeds it and performs what it answers (like h11 / aioquic): ``submit(targets, now)`` at ingest;
-``take(node, n, now)`` for the next purges to send to a node; ``ack``/``fail``/``requeue`` with what happened;
-``get_timer()``/``handle_timer(now)`` for retries, deferrals, rate limits and tier delays; ``statistics()`` for
-metrics. No clock, no sockets, no logging here.
+The I/O layer feeds it and performs what it answers (like h11 / aioquic): ``submit(targets, now)`` at ingest
+(after :mod:`purged.core.admission` said yes); ``take(node, n, now)`` for the next purges to send to a node;
+``ack``/``fail``/``requeue`` with what happened; ``get_timer()``/``handle_timer(now)`` for retries, deferrals,
+rate limits and tier delays. After feeding it, the I/O layer drains :meth:`Engine.events` (which nodes to wake,
+whether the timer moved, which lanes progressed) in one place. Queries (``has_work``, ``backlog``,
+``batch_status``, ``statistics``...) change nothing. No clock, no sockets, no logging here.
 
 A purge handed to a sender is named by an id ``seq << 1 | lane``: one integer, whichever lane it is in.
 """
@@ -12,39 +14,48 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .errors import Overloaded
+from .batches import Batches, BatchStatus, TierProgress
+from .events import Events, Outbox, SetAside
 from .histogram import LATENCY_BUCKETS, Histogram
 from .lane import Lane
 from .limits import TokenBucket
+from .log import Entry
 from .node import Node, NodeStats, Policy, classify
 from .topology import Topology
 
-__all__ = ["BULK", "HIGH", "LANES", "LATENCY_BUCKETS", "Engine", "Node", "NodeStats", "Policy", "Receipt", "classify"]
+__all__ = [
+    "BULK", "HIGH", "LANES", "LATENCY_BUCKETS", "Engine", "Events", "Node", "NodeState", "NodeStats", "Policy",
+    "Receipt", "classify",
+]
 
 LANES = ("high", "bulk")  # drained in this order
 HIGH, BULK = 0, 1
+MAINTENANCE_INTERVAL = 1.0  # seconds between max_lag checks
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Receipt:
     batch_id: str
     accepted: int
     coalesced: int
 
 
-@dataclass
-class _Batch:
-    lane: int
-    hi: int  # one past the highest seq holding one of its purges
-    accepted: int
-    created: float
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    dc: str
+    tier: str
+    state: str  # up, down, out_of_sync
+    backlog: int
+    inflight: int
+    retrying: int
+    oldest_pending_seconds: float
 
 
 @dataclass
-class _SourceStats:
+class SourceStats:
     received: int = 0
     accepted: int = 0
     coalesced: int = 0
@@ -65,7 +76,9 @@ class Engine:
         self.topology = topology
         self.policy = policy = policy or Policy()
         self._rng = rng or random.Random()
-        self.lanes = [Lane(name, topology, policy.linger) for name in LANES]
+        self._out = Outbox()
+        self.lanes = [Lane(topology, self._out, policy.linger) for _ in LANES]
+        self._floors = tuple(lane.floor() for lane in self.lanes)
         rates = rates or {}
         self.nodes: dict[str, Node] = {}
         for di, dc in enumerate(topology.datacenters):
@@ -74,25 +87,43 @@ class Engine:
                     rate, burst = rates.get(name, (0.0, 0.0))
                     self.nodes[name] = Node(name, di, ti, TokenBucket(rate, burst or rate, now), policy.dedup_window)
         self._throttled: dict[str, float] = {}  # node -> when its bucket has a token again
-        self._batches: OrderedDict[str, _Batch] = OrderedDict()
-        self._batch_prefix = batch_prefix
-        self._batch_counter = 0
-        self.sources: dict[str, _SourceStats] = {}
+        self.batches = Batches(batch_prefix, policy.recent_batches)
+        self.sources: dict[str, SourceStats] = {}
         self.latency: dict[tuple[str, str], Histogram] = {}  # (dc, tier) -> accept-to-ack seconds
         self._acks_since_trim = 0
-        self._next_maintenance = now + 1.0 if policy.max_lag else None
-        self.gates_changed = False  # a gate opened or a deferral fell due: the I/O layer wakes senders
-        # get_timer() may have become earlier (a retry, deferral, throttle, tier mark or lingering purge):
-        # the I/O layer re-reads it. A flag keeps get_timer's scan of every node off the per-read hot path.
-        self.timers_changed = False
-        self.started = now
+        self._next_maintenance = now + MAINTENANCE_INTERVAL if policy.max_lag else None
+        self._appended: list[list[tuple[int, str, float]]] | None = None  # new entries, for the journal
+
+    # -- events -----------------------------------------------------------------------------------------------
+
+    def events(self) -> Events:
+        """What the I/O layer must do since the last call: drain after every call that fed the engine."""
+        out = self._out
+        floors = None
+        if out.progress:
+            out.progress = False
+            now_floors = tuple(lane.floor() for lane in self.lanes)
+            if now_floors != self._floors:
+                self._floors = floors = now_floors
+        if not (out.wake or out.timer or floors is not None or out.set_aside):
+            return _NO_EVENTS
+        events = Events(frozenset(out.wake), out.timer, floors, tuple(out.set_aside))
+        out.wake.clear()
+        out.timer = False
+        out.set_aside.clear()
+        return events
+
+    def _wake_all(self) -> None:
+        self._out.wake.update(self.nodes)
+        self._out.timer = True
+        self._out.progress = True
 
     # -- ingest -----------------------------------------------------------------------------------------------
 
-    def _source(self, source: str) -> _SourceStats:
+    def _source(self, source: str) -> SourceStats:
         stats = self.sources.get(source)
         if stats is None:
-            stats = self.sources[source] = _SourceStats()
+            stats = self.sources[source] = SourceStats()
         return stats
 
     def reject(self, source: str, reason: str, count: int = 1) -> None:
@@ -104,22 +135,8 @@ class Engine:
     def unique_pending(self) -> int:
         return sum(len(lane.log.index) for lane in self.lanes)
 
-    def check_capacity(self, count: int) -> None:
-        """Raise :class:`Overloaded` if ``count`` more purges would pass ``max_pending``."""
-        limit = self.policy.max_pending
-        if limit and self.unique_pending() + count > limit:
-            self.trim()
-            if self.unique_pending() + count > limit:
-                raise Overloaded(f"{self.unique_pending()} unique URLs pending, the ceiling is {limit}")
-
     def submit(self, targets: list[str], now: float, source: str = "http", priority: str = "bulk") -> Receipt:
-        """Accept validated purge targets (``host + path``) as one batch; raises :class:`Overloaded` (nothing
-        accepted) when the batch would pass ``max_pending``."""
-        try:
-            self.check_capacity(len(targets))
-        except Overloaded:
-            self.reject(source, "overload", len(targets))
-            raise
+        """Accept validated purge targets (``host + path``) as one batch. Admission decided it may."""
         li = HIGH if priority == "high" else BULK
         lane = self.lanes[li]
         dc_mask = self.topology.dc_mask
@@ -130,42 +147,40 @@ class Engine:
             coalesced += merged
             if seq > hi:
                 hi = seq
+            if not merged and self._appended is not None:
+                self._appended[li].append((seq, target, now))
         stats = self._source(source)
         stats.received += len(targets)
         stats.accepted += len(targets)
         stats.coalesced += coalesced
-        self._batch_counter += 1
-        batch_id = f"{self._batch_prefix}{self._batch_counter}"
-        self._batches[batch_id] = _Batch(li, hi + 1, len(targets), now)
-        while len(self._batches) > self.policy.recent_batches:
-            self._batches.popitem(last=False)
+        batch_id = self.batches.add(li, hi + 1, len(targets), now)
         if self.policy.linger > 0:
-            self.timers_changed = True  # the new purges become readable when their linger ends
+            self._out.timer = True  # the new purges become readable when their linger ends
+        else:
+            self._out.wake.update(lane.first_tier_nodes())
         return Receipt(batch_id, len(targets), coalesced)
 
     # -- sending ----------------------------------------------------------------------------------------------
 
     def has_work(self, name: str, now: float) -> bool:
+        """Whether ``name`` has purges to send now, rate limit aside (``take`` applies it)."""
         node = self.nodes[name]
         if node.down and node.inflight:
             return False  # one probe at a time
-        work = bool(node.retries and node.retries[0][0] <= now)
-        if not work:
-            work = any(lane.cursors[name].cursor < lane.read_limit(name, now) for lane in self.lanes)
-        if work and node.bucket.available(now) < 1:
-            self._throttle(node)
-            return False
-        return work
+        if node.retries and node.retries[0][0] <= now:
+            return True
+        return any(lane.cursors[name].cursor < lane.read_limit(name, now) for lane in self.lanes)
 
     def _throttle(self, node: Node) -> None:
         if node.name not in self._throttled:
             node.stats.rate_limited += 1
             self._throttled[node.name] = node.bucket.when_available(1)
-            self.timers_changed = True
+            self._out.timer = True
 
     def take(self, name: str, limit: int, now: float) -> list[tuple[int, str]]:
         """The next purges ``(id, target)`` for node ``name``: due retries and deferrals first, then new
-        entries, high lane before bulk. A node marked down gets one purge at a time (a probe) until it answers."""
+        entries, high lane before bulk. A node marked down gets one purge at a time (a probe) until it answers.
+        When this returns nothing, the node is woken (see :meth:`events`) once it may have something."""
         node = self.nodes[name]
         if node.down:
             if node.inflight:
@@ -182,11 +197,14 @@ class Engine:
             while node.retries and node.retries[0][0] <= now and len(out) < limit:
                 ident = heapq.heappop(node.retries)[1]
                 target = self.lanes[ident & 1].log.get(ident >> 1).target
+                if node.deferred.get(target) == ident:
+                    del node.deferred[target]
                 if dedup is not None:
                     until = dedup.blocked_until(target, now)
                     if until is not None:  # sent again since this was deferred
                         heapq.heappush(node.retries, (until, ident))
-                        self.timers_changed = True
+                        node.deferred[target] = ident
+                        self._out.timer = True
                         continue
                     dedup.sent(target, now)
                 node.inflight.add(ident)
@@ -217,31 +235,41 @@ class Engine:
             if not entry.dc_mask & bit:
                 continue
             cur.matched += 1
-            latest = index[entry.target]
+            target = entry.target
+            latest = index[target]
             if latest != seq:
                 cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
-            cur.take(seq)
             if max_age and entry.accepted_at + max_age < now:
+                cur.take(seq)
                 cur.finish(seq)
                 stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
+                self._out.progress = True
                 continue
             ident = seq << 1 | li
             if dedup is not None:
-                until = dedup.blocked_until(entry.target, now)
+                until = dedup.blocked_until(target, now)
                 if until is not None:
-                    heapq.heappush(node.retries, (until, ident))  # trailing edge: sent once, at window end
-                    self.timers_changed = True
                     stats.deferred += 1
+                    prior = node.deferred.get(target)
+                    if prior is not None and prior & 1 == li:
+                        # Already deferred to the window's end, which is after this purge arrived: that one
+                        # send serves both (trailing edge: once per window however many repeats came).
+                        cur.pin(seq, prior >> 1)
+                        continue
+                    cur.take(seq)
+                    node.deferred[target] = ident
+                    heapq.heappush(node.retries, (until, ident))
+                    self._out.timer = True
                     continue
-                dedup.sent(entry.target, now)
+                dedup.sent(target, now)
+            cur.take(seq)
             inflight.add(ident)
-            out.append((ident, entry.target))
+            out.append((ident, target))
         cur.cursor = cursor
         if cursor > start:
             log.mark_read(cursor - 1)
             lane.moved(name, now)
-            self._sync_gates()
 
     def ack(self, name: str, ident: int, status: int, now: float) -> str:
         """Node ``name`` answered ``status`` to the PURGE ``ident``; returns its :func:`classify` verdict."""
@@ -253,35 +281,67 @@ class Engine:
         verdict = classify(status)
         if verdict == "retry":
             self._failed(node, now)
-            self._schedule_retry(node, ident, now)
+            if not self._suspect(node, ident, now):
+                self._schedule_retry(node, ident, now)
             return verdict
         node.inflight.discard(ident)
+        if node.suspects:
+            node.suspects.pop(ident, None)
         lane = self.lanes[ident & 1]
         seq = ident >> 1
         if verdict == "ok":
             node.failures = 0
-            node.down = False
+            if node.down:
+                node.down = False
+                self._out.wake.add(name)  # out of probing: a full window again
             self._observe_latency(node, now - lane.log.get(seq).accepted_at)
         else:
             stats.gave_up += 1
-        lane.cursors[name].finish(seq)
-        lane.moved(name, now)
-        self._sync_gates()
+        self._finish(node, lane, seq, now)
+        return verdict
+
+    def _finish(self, node: Node, lane: Lane, seq: int, now: float) -> None:
+        lane.cursors[node.name].finish(seq)
+        lane.moved(node.name, now)
+        self._out.progress = True
         self._acks_since_trim += 1
         if self._acks_since_trim >= 1024:
             self.trim()
-        return verdict
 
     def fail(self, name: str, idents: list[int], kind: str, now: float) -> None:
-        """A connection failed (``kind``: connect, reset, timeout, protocol, closed) with ``idents`` unanswered."""
+        """A connection failed (``kind``: connect, reset, timeout, protocol, closed) with ``idents`` unanswered,
+        in the order they were sent. The first of them is the suspect: the request the node failed on."""
         node = self.nodes.get(name)
         if node is None:
             return
         node.stats.errors[kind] = node.stats.errors.get(kind, 0) + 1
         self._failed(node, now)
+        suspect = next((i for i in idents if i in node.inflight), None)
+        if suspect is not None and self._suspect(node, suspect, now):
+            suspect = None
         for ident in idents:
             if ident in node.inflight:
                 self._schedule_retry(node, ident, now)
+
+    def _suspect(self, node: Node, ident: int, now: float) -> bool:
+        """Count one more failure that followed ``ident`` on ``node``; past ``poison_after`` set it aside for
+        that node (DESIGN.md guarantee 4: one bad purge never holds a lane or a tier gate forever)."""
+        limit = self.policy.poison_after
+        if not limit:
+            return False
+        count = node.suspects.get(ident, 0) + 1
+        if count < limit:
+            node.suspects[ident] = count
+            return False
+        node.suspects.pop(ident, None)
+        node.inflight.discard(ident)
+        lane = self.lanes[ident & 1]
+        seq = ident >> 1
+        node.stats.dropped["poison"] = node.stats.dropped.get("poison", 0) + 1
+        self._out.set_aside.append(SetAside(node.name, lane.log.get(seq).target, count))
+        self._out.wake.add(node.name)
+        self._finish(node, lane, seq, now)
+        return True
 
     def requeue(self, name: str, idents: list[int], now: float) -> None:
         """The connection closed gracefully with ``idents`` unanswered: resend them, no failure counted."""
@@ -291,7 +351,7 @@ class Engine:
                 if ident in node.inflight:
                     node.inflight.discard(ident)
                     heapq.heappush(node.retries, (now, ident))
-                    self.timers_changed = True
+                    self._out.wake.add(name)
 
     def _failed(self, node: Node, now: float) -> None:
         node.failures += 1
@@ -311,18 +371,9 @@ class Engine:
     def _schedule_retry(self, node: Node, ident: int, now: float) -> None:
         node.inflight.discard(ident)
         heapq.heappush(node.retries, (now + self._backoff(node.failures), ident))
-        self.timers_changed = True
+        self._out.timer = True
 
     # -- timers -----------------------------------------------------------------------------------------------
-
-    def _sync_gates(self) -> None:
-        for lane in self.lanes:
-            if lane.gates_changed:
-                lane.gates_changed = False
-                self.gates_changed = True
-            if lane.timers_changed:
-                lane.timers_changed = False
-                self.timers_changed = True
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next has something to do."""
@@ -336,15 +387,16 @@ class Engine:
     def handle_timer(self, now: float) -> None:
         for lane in self.lanes:
             lane.handle_timer(now)
-        self._sync_gates()
+        wake = self._out.wake
         for name, when in list(self._throttled.items()):
             if when <= now:
                 del self._throttled[name]
-                self.gates_changed = True
-        if any(node.retries and node.retries[0][0] <= now for node in self.nodes.values()):
-            self.gates_changed = True
+                wake.add(name)
+        for name, node in self.nodes.items():
+            if node.retries and node.retries[0][0] <= now:
+                wake.add(name)
         if self._next_maintenance is not None and now >= self._next_maintenance:
-            self._next_maintenance = now + 1.0
+            self._next_maintenance = now + MAINTENANCE_INTERVAL
             self.enforce_max_lag(now)
 
     def enforce_max_lag(self, now: float) -> list[str]:
@@ -360,14 +412,41 @@ class Engine:
                     lane.moved(name, now)
                 node.inflight.clear()  # answers still on the wire will be ignored as stale
                 node.retries.clear()
+                node.deferred.clear()
+                node.suspects.clear()
                 node.out_of_sync = True
                 node.stats.resyncs += 1
                 node.stats.dropped["max_lag"] = node.stats.dropped.get("max_lag", 0) + dropped
+                self._out.progress = True
                 affected.append(name)
             elif node.out_of_sync and self.backlog(name) == 0:
                 node.out_of_sync = False
-        self._sync_gates()
         return affected
+
+    # -- reload (see core/reload.py) ----------------------------------------------------------------------------
+
+    def remove_node(self, name: str) -> int:
+        """Forget node ``name`` (its sender is stopped); return the purges of its backlog dropped with it."""
+        backlog = self.backlog(name)
+        del self.nodes[name]
+        self._throttled.pop(name, None)
+        for lane in self.lanes:
+            lane.remove_node(name)
+        self._out.progress = True
+        return backlog
+
+    def set_policy(self, policy: Policy, now: float) -> None:
+        """Run with ``policy`` from now on; every sender is woken (gates, rates and nodes may have changed)."""
+        self.policy = policy
+        self.batches.keep = policy.recent_batches
+        if not policy.max_lag:
+            self._next_maintenance = None
+        elif self._next_maintenance is None:
+            self._next_maintenance = now + MAINTENANCE_INTERVAL
+        for lane in self.lanes:
+            lane.linger = policy.linger
+        self.trim()  # a removed node may have been the one holding the log
+        self._wake_all()
 
     # -- journal ----------------------------------------------------------------------------------------------
 
@@ -375,23 +454,32 @@ class Engine:
         """Each lane's node positions, for a checkpoint: below them a node has everything."""
         return [lane.positions() for lane in self.lanes]
 
+    def heads(self) -> list[int]:
+        """Each lane's next seq: everything below was appended."""
+        return [lane.log.head for lane in self.lanes]
+
+    def held(self, lane: int) -> Iterator[tuple[int, Entry]]:
+        """The entries a lane still holds, ``(seq, entry)`` in order (for a journal snapshot)."""
+        return iter(self.lanes[lane].log.entries())
+
     def record_appends(self) -> None:
         """From now on keep every new log entry for :meth:`take_appended` (the journal writes them)."""
-        for lane in self.lanes:
-            lane.outbox = []
+        self._appended = [[] for _ in self.lanes]
 
     def take_appended(self) -> list[tuple[int, int, str, float]]:
         """New log entries since the last call, as ``(lane, seq, target, accepted_at)``, in append order per lane."""
-        out = []
-        for li, lane in enumerate(self.lanes):
-            if lane.outbox:
-                out.extend((li, seq, target, at) for seq, target, at in lane.outbox)
-                lane.outbox.clear()
+        out: list[tuple[int, int, str, float]] = []
+        for li, items in enumerate(self._appended or ()):
+            if items:
+                out.extend((li, seq, target, at) for seq, target, at in items)
+                items.clear()
         return out
 
     def restore(self, lane: int, base: int, items: list[tuple[str, float]], positions: dict[str, int]) -> None:
         """Load a lane from a journal replay (see :meth:`Lane.restore`). Call before any submit."""
         self.lanes[lane].restore(base, items, positions, self.topology)
+        self._floors = tuple(ln.floor() for ln in self.lanes)
+        self._wake_all()
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
@@ -411,6 +499,9 @@ class Engine:
         """Purges meant for this node that it has not acknowledged yet (all lanes)."""
         return sum(lane.backlog(name) for lane in self.lanes)
 
+    def total_backlog(self) -> int:
+        return sum(self.backlog(name) for name in self.nodes)
+
     def oldest_pending_age(self, name: str, now: float) -> float:
         """Age of the oldest purge this node still owes (approximate: the entry at its position per lane)."""
         age = 0.0
@@ -420,51 +511,51 @@ class Engine:
                 age = max(age, now - lane.log.get(max(position, lane.log.base)).accepted_at)
         return age
 
-    def batch_status(self, batch_id: str) -> dict | None:
-        batch = self._batches.get(batch_id)
+    def batch_status(self, batch_id: str) -> BatchStatus | None:
+        batch = self.batches.get(batch_id)
         if batch is None:
             return None
         lane = self.lanes[batch.lane]
-        dcs = {}
+        dcs: dict[str, dict[str, TierProgress]] = {}
         done_all = True
         for di, dc in enumerate(self.topology.datacenters):
             tiers = {}
             for tier in lane.tiers[di]:
                 done = sum(1 for n in tier.nodes if lane.cursors[n].position >= batch.hi)
                 done_all &= done == len(tier.nodes)
-                tiers[tier.name] = {"nodes": len(tier.nodes), "done": done}
+                tiers[tier.name] = TierProgress(len(tier.nodes), done)
             dcs[dc.name] = tiers
-        return {
-            "id": batch_id,
-            "done": done_all,
-            "accepted": batch.accepted,
-            "priority": LANES[batch.lane],
-            "datacenters": dcs,
-        }
+        return BatchStatus(batch_id, done_all, batch.accepted, LANES[batch.lane], dcs)
 
-    def node_state(self, name: str, now: float) -> dict:
+    def batch_done_at(self, batch_id: str) -> tuple[int, int] | None:
+        """``(lane, hi)``: the batch is done everywhere once :attr:`Events.floors` of that lane reaches ``hi``."""
+        batch = self.batches.get(batch_id)
+        return None if batch is None else (batch.lane, batch.hi)
+
+    def node_state(self, name: str, now: float) -> NodeState:
         node = self.nodes[name]
         dc = self.topology.datacenters[node.dc_index]
-        state = "down" if node.down else "out_of_sync" if node.out_of_sync else "up"
-        return {
-            "dc": dc.name,
-            "tier": dc.tiers[node.tier_index].name,
-            "state": state,
-            "backlog": self.backlog(name),
-            "inflight": len(node.inflight),
-            "retrying": len(node.retries),
-            "oldest_pending_seconds": round(self.oldest_pending_age(name, now), 3),
-        }
+        return NodeState(
+            dc.name,
+            dc.tiers[node.tier_index].name,
+            "down" if node.down else "out_of_sync" if node.out_of_sync else "up",
+            self.backlog(name),
+            len(node.inflight),
+            len(node.retries),
+            self.oldest_pending_age(name, now),
+        )
 
     def statistics(self, now: float) -> dict:
-        """Plain numbers for the metrics collector and /healthz."""
-        self.trim()
+        """Plain numbers for the metrics collector and /healthz; a pure read."""
         return {
             "log_entries": sum(len(lane.log) for lane in self.lanes),
             "unique_pending": self.unique_pending(),
-            "batches": self._batch_counter,
+            "batches": self.batches.count,
             "sources": self.sources,
             "nodes": {name: self.node_state(name, now) for name in self.nodes},
             "node_stats": {name: node.stats for name, node in self.nodes.items()},
             "latency": self.latency,
         }
+
+
+_NO_EVENTS = Events()

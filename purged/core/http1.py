@@ -61,6 +61,8 @@ def encode_purge(host: str, path: str) -> bytes:
         raise InvalidURL("non-ASCII PURGE target", reason="not_ascii") from None
 
 
+PURGE_OVERHEAD = len(encode_purge("", ""))  # bytes of a PURGE request beyond its target's host and path
+
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"  # obs-text allowed, controls (and obs-fold) not
 _HEADER_LINES = rb"(?:" + _TOKEN + rb":" + _FIELD_VALUE + rb"\r\n)*"
@@ -90,8 +92,7 @@ class ResponseParser:
     ``feed(data)`` returns every response that ``data`` completed, oldest first. If the stream turns out to be
     broken after some responses of a read were complete, those are returned first and the error is raised by the
     next ``feed``/``feed_eof`` call, so a sender never loses an answer it did receive. After an error the parser
-    stays broken. ``feed_eof()`` ends a read-until-close body; ``reusable`` tells the sender when to stop
-    pipelining more requests into this connection.
+    stays broken. ``feed_eof()`` ends a read-until-close body.
     """
 
     __slots__ = ("_buf", "_pos", "_scan", "_state", "_remaining", "_pending", "_error", "max_header_size")
@@ -105,17 +106,6 @@ class ResponseParser:
         self._remaining = 0  # body or chunk bytes still to skip
         self._pending: Response | None = None  # the response whose body is being read
         self._error: ProtocolError | None = None
-
-    @property
-    def reusable(self) -> bool:
-        """False once no further response can arrive: Connection: close, a read-until-close body, EOF, error.
-
-        A sender stops writing requests on this connection as soon as this turns False; requests written but
-        not answered by then will never be answered here.
-        """
-        if self._error is not None or self._state >= _UNTIL_CLOSE:
-            return False
-        return self._pending is None or self._pending.keep_alive
 
     @property
     def idle(self) -> bool:

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cursor import NodeCursor
+from .events import Outbox
 from .log import Entry, PurgeLog
 from .topology import Topology
 
@@ -27,8 +28,8 @@ class TierGate:
 
 
 class Lane:
-    def __init__(self, name: str, topology: Topology, linger: float = 0.0):
-        self.name = name
+    def __init__(self, topology: Topology, out: Outbox, linger: float = 0.0):
+        self.out = out  # the engine's: gates that open wake the next tier's nodes
         self.log = PurgeLog()
         self.linger = linger
         self.linger_gate = 0  # entries below it are old enough to read
@@ -44,15 +45,10 @@ class Lane:
                 gates.append(TierGate(spec.name, spec.delay, list(spec.nodes)))
             self.tiers.append(gates)
         self.dc_appended = [0] * len(topology.datacenters)
-        self.gates_changed = False
-        self.timers_changed = False  # a tier mark was recorded: its delay ends at a new time
-        self.outbox: list[tuple[int, str, float]] | None = None  # new entries, for the journal when enabled
 
     def append(self, target: str, now: float, mask: int) -> tuple[int, bool]:
         seq, merged = self.log.append(target, now, mask)
         if not merged:
-            if self.outbox is not None:
-                self.outbox.append((seq, target, now))
             appended, di = self.dc_appended, 0
             while mask >> di:
                 if mask >> di & 1:
@@ -91,10 +87,10 @@ class Lane:
         tier.position = position
         if tiers[ti + 1].delay <= 0:
             tier.gate = position
-            self.gates_changed = True
+            self.out.wake.update(tiers[ti + 1].nodes)
         else:
             tier.marks.append((position, now))
-            self.timers_changed = True
+            self.out.timer = True  # the next tier's delay ends at a new time
 
     def get_timer(self) -> float | None:
         when: float | None = None
@@ -112,13 +108,22 @@ class Lane:
         for tiers in self.tiers:
             for ti, tier in enumerate(tiers[:-1]):
                 delay = tiers[ti + 1].delay
-                while tier.marks and tier.marks[0][1] + delay <= now:
-                    tier.gate = tier.marks.popleft()[0]
-                    self.gates_changed = True
+                if tier.marks and tier.marks[0][1] + delay <= now:
+                    while tier.marks and tier.marks[0][1] + delay <= now:
+                        tier.gate = tier.marks.popleft()[0]
+                    self.out.wake.update(tiers[ti + 1].nodes)
         if self.linger > 0:
             before = self.linger_gate
             if self._advance_linger(now) > before:
-                self.gates_changed = True
+                self.out.wake.update(self.first_tier_nodes())
+
+    def first_tier_nodes(self) -> list[str]:
+        """The nodes that read straight from the log (the first tier of each data centre)."""
+        return [name for tiers in self.tiers if tiers for name in tiers[0].nodes]
+
+    def floor(self) -> int:
+        """The seq below which every node is done (the head when there are no nodes)."""
+        return min((c.position for c in self.cursors.values()), default=self.log.head)
 
     def backlog(self, node: str) -> int:
         """Entries meant for ``node`` that it has not finished."""
@@ -133,10 +138,12 @@ class Lane:
         cursor.matched = self.dc_appended[self.place[node][0]]
         return dropped
 
+    def remove_node(self, node: str) -> None:
+        del self.cursors[node]
+        del self.place[node]
+
     def trim(self) -> int:
-        if not self.cursors:
-            return self.log.trim(self.log.head)
-        return self.log.trim(min(c.position for c in self.cursors.values()))
+        return self.log.trim(self.floor())
 
     def positions(self) -> dict[str, int]:
         return {node: cursor.position for node, cursor in self.cursors.items()}

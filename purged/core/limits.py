@@ -42,11 +42,17 @@ class TokenBucket:
             return self.stamp
         return self.stamp + (n - self.tokens) / self.rate
 
-    def try_take(self, n: int, now: float) -> bool:
-        if self.available(now) < n:
-            return False
-        self.consume(n, now)
-        return True
+    def admit(self, n: int, now: float) -> float | None:
+        """Take ``n`` tokens for a request, or say when to retry. A request larger than the burst passes when
+        the bucket is full and leaves it in debt, so big batches are slowed, never refused forever."""
+        if self.rate <= 0:
+            return None
+        self._refill(now)
+        need = min(n, self.burst)
+        if self.tokens >= need:
+            self.tokens -= n
+            return None
+        return self.stamp + (need - self.tokens) / self.rate
 
 
 class DedupWindow:

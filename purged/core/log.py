@@ -34,9 +34,6 @@ class PurgeLog:
         assert entry is not None
         return entry
 
-    def latest(self, target: str) -> int | None:
-        return self.index.get(target)
-
     def append(self, target: str, now: float, dc_mask: int) -> tuple[int, bool]:
         """Add a purge; return ``(seq, merged)``. A merge reuses the unread latest entry for the same target."""
         latest = self.index.get(target)
@@ -77,6 +74,16 @@ class PurgeLog:
         """``(seq, entry)`` from ``start`` (default: the base) to the head, for a snapshot."""
         first = self.base if start is None else max(start, self.base)
         return [(seq, self.get(seq)) for seq in range(first, self.head)]
+
+    def remask(self, mask_of) -> None:
+        """Route every held entry again: its ``dc_mask`` becomes ``mask_of(target)`` (a reload changed routes)."""
+        entries = self._entries
+        for i in range(self._offset, len(entries)):
+            entry = entries[i]
+            if entry is not None:
+                mask = mask_of(entry.target)
+                if mask != entry.dc_mask:
+                    entries[i] = entry._replace(dc_mask=mask)
 
     def load(self, base: int, entries: list[Entry], read_mark: int) -> None:
         """Replace the content with ``entries`` numbered from ``base`` (a journal replay)."""

@@ -28,10 +28,10 @@ class Policy:
     down_after: int = 5
     dedup_window: float = 0.0
     linger: float = 0.0
-    max_pending: int = 0  # unique pending URLs; past it submit() raises Overloaded
     max_lag: int = 0  # a node owing more purges than this is declared out of sync
     max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it
     recent_batches: int = 100_000
+    poison_after: int = 5  # failures following the same purge on a node before it is set aside (0: never)
 
 
 @dataclass
@@ -43,7 +43,7 @@ class NodeStats:
     gave_up: int = 0  # answered with an error status: counted, not retried
     deferred: int = 0  # held back by the dedup window
     rate_limited: int = 0  # times the node had work but no tokens
-    dropped: dict[str, int] = field(default_factory=dict)  # by policy: max_age, max_lag
+    dropped: dict[str, int] = field(default_factory=dict)  # by policy: max_age, max_lag, poison
     resyncs: int = 0
 
 
@@ -56,6 +56,8 @@ class Node:
         self.dc_bit = 1 << dc_index
         self.inflight: set[int] = set()
         self.retries: list[tuple[float, int]] = []  # heap of (due, id): retries and dedup deferrals
+        self.deferred: dict[str, int] = {}  # target -> id waiting in ``retries`` for its dedup window to end
+        self.suspects: dict[int, int] = {}  # id -> failures that followed it in a row (see Policy.poison_after)
         self.failures = 0  # consecutive
         self.down = False
         self.out_of_sync = False

@@ -29,9 +29,6 @@ class ReloadReport:
     moved: list[str] = field(default_factory=list)  # nodes now in another data centre or tier
     rerouted: bool = False  # entries held were routed again (data centres or host patterns changed)
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.added or self.removed or self.moved or self.rerouted)
 
 
 def reconfigure(
@@ -47,13 +44,8 @@ def reconfigure(
     report = ReloadReport()
     for name, spec in old_specs.items():
         if name not in new_specs:
-            report.removed[name] = engine.backlog(name)
+            report.removed[name] = engine.remove_node(name)
             report.removed_place[name] = (spec.dc, spec.tier)
-            del engine.nodes[name]
-            engine._throttled.pop(name, None)  # the engine's own bookkeeping (same layer)
-            for lane in engine.lanes:
-                del lane.cursors[name]
-                del lane.place[name]
     report.added = [name for name in new_specs if name not in old_specs]
     report.moved = [
         name
@@ -84,13 +76,7 @@ def reconfigure(
     for lane in engine.lanes:
         _rebuild_lane(lane, topology, old_dc_names, policy, report, now)
 
-    engine.policy = policy
-    if not policy.max_lag:
-        engine._next_maintenance = None
-    elif engine._next_maintenance is None:
-        engine._next_maintenance = now + 1.0
-    engine.gates_changed = True  # wake every sender: gates, rates and nodes changed
-    engine.trim()  # a removed node may have been the one holding the log
+    engine.set_policy(policy, now)
     return report
 
 
@@ -114,7 +100,6 @@ def _rebuild_lane(
     else:
         for name in report.added:  # at the head: every entry so far counts as read (not owed)
             lane.cursors[name].matched = lane.dc_appended[lane.place[name][0]]
-    lane.linger = policy.linger
 
     tiers: list[list[TierGate]] = []
     for dc in topology.datacenters:
@@ -139,7 +124,6 @@ def _rebuild_lane(
             gates.append(gate)
         tiers.append(gates)
     lane.tiers = tiers
-    lane.gates_changed = True
 
 
 def _reroute(lane: Lane, topology: Topology) -> None:
@@ -149,27 +133,26 @@ def _reroute(lane: Lane, topology: Topology) -> None:
     node's cursor meant for its data centre, so both are recounted over the held entries alone.
     """
     log = lane.log
-    entries = log._entries  # rewritten in place: a reload is rare, the log is hot
-    offset, base = log._offset, log.base
     masks: dict[str, int] = {}
-    ndcs = len(topology.datacenters)
-    counts = [0] * ndcs
-    by_cursor = sorted(lane.cursors.items(), key=lambda kv: kv[1].cursor)
-    k = 0
-    for seq in range(base, log.head):
-        while k < len(by_cursor) and by_cursor[k][1].cursor <= seq:
-            name, cur = by_cursor[k]
-            cur.matched = counts[lane.place[name][0]]
-            k += 1
-        i = offset + seq - base
-        entry = entries[i]
-        target = entry.target
+
+    def mask_of(target: str) -> int:
         host = target[: target.find("/")]
         mask = masks.get(host)
         if mask is None:
             mask = masks[host] = topology.dc_mask(host)
-        if mask != entry.dc_mask:
-            entries[i] = entry._replace(dc_mask=mask)
+        return mask
+
+    log.remask(mask_of)
+    ndcs = len(topology.datacenters)
+    counts = [0] * ndcs
+    by_cursor = sorted(lane.cursors.items(), key=lambda kv: kv[1].cursor)
+    k = 0
+    for seq in range(log.base, log.head):
+        while k < len(by_cursor) and by_cursor[k][1].cursor <= seq:
+            name, cur = by_cursor[k]
+            cur.matched = counts[lane.place[name][0]]
+            k += 1
+        mask = log.get(seq).dc_mask
         for di in range(ndcs):
             if mask >> di & 1:
                 counts[di] += 1

@@ -10,32 +10,39 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
 
-from ..core.errors import InvalidURL, Overloaded, PurgedError
-from ..core.ingest import decode_purge_body, decode_resource_changes, validate_urls
-from ..core.limits import TokenBucket
-from ..core.urls import parse_url, validate_host
+from ..core.admission import Admitted, Refused
+from ..core.errors import InvalidURL, PurgedError
+from ..core.ingest import decode_purge_body, decode_resource_changes
+from ..core.urls import validate_host
 
 if TYPE_CHECKING:
-    from ..daemon import Service
+    from ..config import Limits
+    from ..core.batches import BatchStatus
 
 log = logging.getLogger("purged.http")
 
 IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
 READ_TIMEOUT = 30.0  # a request (headers and body) must arrive within this
 MAX_HEADER_BYTES = 64 * 1024
-MAX_CLIENT_BUCKETS = 10_000  # per-address rate limit state kept, least recently used dropped first
 STOP_GRACE = 10.0  # on stop, requests already being read or handled get this long to be answered
-OVERLOAD_RETRY_AFTER = 5  # seconds a client is told to wait when the daemon is over max_pending
+
+
+class Purges(Protocol):
+    """What the API needs of the engine (``purged.net.driver.Driver`` provides it)."""
+
+    async def accept(self, urls: list[Any], source: str, *, client: str | None = None,
+                     priority: str = "bulk") -> Admitted: ...
+    def batch_status(self, batch_id: str) -> BatchStatus | None: ...
+    async def wait_batch(self, batch_id: str, timeout: float) -> BatchStatus | None: ...
 
 
 class HTTPError(PurgedError):
@@ -74,39 +81,33 @@ def error_response(exc: PurgedError) -> Response:
     return json_response(exc.status, {"error": exc.reason, "detail": exc.detail or exc.reason}, headers)
 
 
-class API:
-    """Routes requests to the service. Stateless apart from the service it wraps."""
+def status_json(status: BatchStatus) -> dict:
+    return asdict(status)
 
-    def __init__(self, service: Service):
-        self.service = service
-        self.limits = service.config.limits
-        self._clients: OrderedDict[str, TokenBucket] = OrderedDict()
+
+def health_json(health: dict) -> dict:
+    """``/healthz``: the daemon's health with each node's state as JSON (seconds rounded to ms)."""
+    nodes = {name: asdict(state) | {"oldest_pending_seconds": round(state.oldest_pending_seconds, 3)}
+             for name, state in health["nodes"].items()}
+    return health | {"nodes": nodes}
+
+
+class API:
+    """Routes requests to the purges port, the health and the metrics. Holds no purge state."""
+
+    def __init__(self, purges: Purges, limits: Limits, *, health: Callable[[], dict],
+                 metrics: Callable[[str], tuple[bytes, str]]):
+        self.purges = purges
+        self.limits = limits
+        self.health = health
+        self.metrics = metrics
         self.stopping = trio.Event()  # set on SIGTERM: answer what is in progress, take nothing new
         self.active = 0  # requests whose head has arrived and whose answer is not sent yet
 
-    def _rate_limit(self, req: Request, count: int, source: str) -> None:
-        """Per client address token bucket (``limits.client_rate``); a batch larger than the burst passes
-        when the bucket is full and leaves it in debt, so big batches are slowed, never refused forever."""
-        rate = self.limits.client_rate
-        if rate <= 0:
-            return
-        now = trio.current_time()
-        client = req.peer.rpartition(":")[0]
-        bucket = self._clients.pop(client, None) or TokenBucket(rate, self.limits.client_burst or rate, now)
-        self._clients[client] = bucket
-        if len(self._clients) > MAX_CLIENT_BUCKETS:
-            self._clients.popitem(last=False)
-        if bucket.available(now) >= min(count, bucket.burst):
-            bucket.consume(count, now)
-            return
-        wait = max(1, math.ceil(bucket.when_available(min(count, int(bucket.burst))) - now))
-        self.service.engine.reject(source, "rate_limited", count)
-        raise HTTPError(
-            429, "rate_limited", f"client {client} is over {rate:g} purges/s", [("Retry-After", str(wait))]
-        )
-
     async def handle(self, req: Request) -> Response:
         path = req.path
+        if req.method == "PURGE":  # any path: operators purge /v1/purge on their sites too
+            return await self._purge_one(req)
         if path == "/v1/purge":
             self._allow(req, "POST")
             return await self._purge_batch(req)
@@ -116,15 +117,13 @@ class API:
         if path in ("/sys/purge/", "/sys/purge"):
             self._allow(req, "POST")
             return await self._sys_purge(req)
-        if req.method == "PURGE":
-            return await self._purge_one(req)
         if path == "/metrics":
             self._allow(req, "GET")
-            body, content_type = self.service.render_metrics(req.headers.get("accept", ""))
+            body, content_type = self.metrics(req.headers.get("accept", ""))
             return Response(200, body, content_type)
         if path == "/healthz":
             self._allow(req, "GET")
-            return json_response(200, self.service.health())
+            return json_response(200, health_json(self.health()))
         raise HTTPError(404, "not_found", f"no route for {path}")
 
     @staticmethod
@@ -133,34 +132,32 @@ class API:
             allow = ", ".join(methods)
             raise HTTPError(405, "method_not_allowed", f"{req.method} {req.path}: use {allow}", [("Allow", allow)])
 
+    async def _admit(self, req: Request, urls: list[Any], source: str, priority: str) -> Admitted:
+        try:
+            # With a journal, this returns once the batch is as durable as `durability` promises (or raises a
+            # 503 JournalError): the 2xx the caller answers is that promise (docs/durability.md).
+            return await self.purges.accept(urls, source, client=req.peer.rpartition(":")[0], priority=priority)
+        except Refused as exc:
+            headers = [] if exc.retry_after is None else [("Retry-After", str(max(1, round(exc.retry_after))))]
+            raise HTTPError(exc.status, exc.reason, exc.detail, headers) from None
+
     async def _accept(
         self, req: Request, urls: list[Any], source: str, status: int, priority: str = "bulk"
     ) -> Response:
-        checked = validate_urls(urls, self.limits.max_url_length)
-        engine = self.service.engine
-        for reason, count in checked.reasons().items():
-            engine.reject(source, reason, count)
-        if not checked.targets:
+        admitted = await self._admit(req, urls, source, priority)
+        if admitted.receipt is None:
             detail = "no valid URL in the batch" if urls else "the batch is empty"
             return json_response(
-                400, {"error": "no_valid_urls", "detail": detail, "accepted": 0, "rejected": checked.rejected}
+                400, {"error": "no_valid_urls", "detail": detail, "accepted": 0, "rejected": admitted.rejected}
             )
-        self._rate_limit(req, len(checked.targets), source)
-        try:
-            # With a journal, this returns once the batch is as durable as `durability` promises (or raises a
-            # 503 JournalError): the 2xx below is the promise (docs/durability.md).
-            receipt = await self.service.accept(checked.targets, source, priority)
-        except Overloaded as exc:
-            raise HTTPError(
-                429, exc.reason, f"{exc.detail}; retry later", [("Retry-After", str(OVERLOAD_RETRY_AFTER))]
-            ) from None
+        receipt = admitted.receipt
         return json_response(
             status,
             {
                 "id": receipt.batch_id,
                 "accepted": receipt.accepted,
                 "coalesced": receipt.coalesced,
-                "rejected": checked.rejected,
+                "rejected": admitted.rejected,
             },
         )
 
@@ -182,12 +179,15 @@ class API:
                 raise HTTPError(400, exc.reason, f"Host header: {exc.detail}") from None
         else:
             url = target  # absolute-form request target: PURGE http://host/path
-        try:
-            parse_url(url, max_length=self.limits.max_url_length)
-        except InvalidURL as exc:
-            self.service.engine.reject("purge", exc.reason)
-            raise HTTPError(400, exc.reason, exc.detail) from None
-        return await self._accept(req, [url], "purge", 202, "high")
+        admitted = await self._admit(req, [url], "purge", "high")
+        if admitted.receipt is None:  # the one URL was rejected: answer with its reason
+            rejected = admitted.rejected[0]
+            raise HTTPError(400, rejected["reason"], rejected["detail"])
+        receipt = admitted.receipt
+        return json_response(
+            202, {"id": receipt.batch_id, "accepted": receipt.accepted, "coalesced": receipt.coalesced,
+                  "rejected": []}
+        )
 
     async def _status(self, req: Request, batch_id: str) -> Response:
         wait = 0.0
@@ -199,18 +199,12 @@ class API:
             if not 0 <= wait < float("inf"):
                 raise HTTPError(400, "bad_wait", "wait must be a non-negative number of seconds")
         wait = min(wait, self.limits.max_wait)
-        status = self.service.engine.batch_status(batch_id)
-        if status is None:
+        if self.purges.batch_status(batch_id) is None:
             raise HTTPError(404, "unknown_batch", f"no batch {batch_id!r} (unknown, or too old to remember)")
-        with trio.move_on_after(wait):
-            while not status["done"]:
-                await self.service.progress.wait()
-                status = self.service.engine.batch_status(batch_id)
-                if status is None:
-                    break
+        status = await self.purges.wait_batch(batch_id, wait)
         if status is None:
             raise HTTPError(404, "unknown_batch", f"batch {batch_id!r} was forgotten while waiting")
-        return json_response(200, status)
+        return json_response(200, status_json(status))
 
 
 async def _send(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, head_only: bool) -> None:
@@ -236,13 +230,16 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
         conn.receive_data(data)
 
 
-async def _read_request(conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str) -> Request | None:
+async def _read_request(
+    conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str, counted: list[bool]
+) -> Request | None:
     with trio.move_on_after(IDLE_TIMEOUT) as idle:
         event = await _next_event(conn, stream)
     if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
         return None
     assert isinstance(event, h11.Request)
-    api.active += 1  # the caller's loop decrements once it answered
+    api.active += 1  # the caller decrements once it answered: ``counted`` says this request was counted
+    counted[0] = True
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1")
@@ -282,44 +279,53 @@ async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
         peer = "?"
     try:
         while not api.stopping.is_set():
-            head_only = False
-            active = api.active
+            counted = [False]  # set once the request's head arrived: it is in ``api.active`` until answered
             try:
-                req = await _read_request(conn, stream, api, peer)
-                if req is None:
+                if not await _exchange(conn, stream, api, peer, counted):
                     return
-                head_only = req.method == "HEAD"
-                resp = await api.handle(req)
-            except PurgedError as exc:
-                resp = error_response(exc)
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                    return
-                resp = error_response(HTTPError(exc.error_status_hint, "bad_request", str(exc)))
-            except trio.TooSlowError:
-                resp = error_response(HTTPError(408, "request_timeout", "request body took too long"))
-            counted = api.active > active
-            try:
-                if resp.status >= 400 and resp.status not in (404, 429):
-                    log.info("%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
-                if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                    return
-                if conn.their_state is not h11.DONE or api.stopping.is_set():
-                    # Answered before the body was read (the stream is unusable), or the daemon is stopping.
-                    resp.headers = list(resp.headers or []) + [("Connection", "close")]
-                await _send(conn, stream, resp, head_only)
             finally:
-                if counted:
+                if counted[0]:
                     api.active -= 1
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
-                return
             conn.start_next_cycle()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError):
         return
     except Exception:
         log.exception("unexpected error serving %s", peer)
     finally:
         await stream.aclose()
+
+
+async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str, counted: list[bool]) -> bool:
+    """Read one request and answer it; False when the connection must end."""
+    head_only = False
+    try:
+        req = await _read_request(conn, stream, api, peer, counted)
+        if req is None:
+            return False
+        head_only = req.method == "HEAD"
+        resp = await api.handle(req)
+    except PurgedError as exc:
+        resp = error_response(exc)
+    except h11.RemoteProtocolError as exc:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return False
+        resp = error_response(HTTPError(exc.error_status_hint, "bad_request", str(exc)))
+    except trio.TooSlowError:
+        resp = error_response(HTTPError(408, "request_timeout", "request body took too long"))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return False
+    except Exception:  # a bug: answer it rather than drop the connection, and say where
+        log.exception("unexpected error handling a request from %s", peer)
+        resp = error_response(HTTPError(500, "internal_error", "unexpected error; see the daemon's log"))
+    if resp.status >= 400 and resp.status not in (404, 429):
+        log.info("%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return False
+    if conn.their_state is not h11.DONE or api.stopping.is_set():
+        # Answered before the body was read (the stream is unusable), or the daemon is stopping.
+        resp.headers = list(resp.headers or []) + [("Connection", "close")]
+    await _send(conn, stream, resp, head_only)
+    return conn.our_state is not h11.MUST_CLOSE and conn.their_state is h11.DONE
 
 
 async def serve_http(

@@ -152,7 +152,7 @@ class Journal:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        self._written_head = [lane.log.head for lane in engine.lanes]
+        self._written_head = engine.heads()
         self.stats.replayed = sum(len(p.items) for p in plans)
         self.stats.lost = sum(p.lost for p in plans)
         self._active = (numbers[-1] if numbers else 0) + 1
@@ -169,7 +169,7 @@ class Journal:
         else:
             try:
                 self._create_segment(self._active)
-                heads = [lane.log.head for lane in engine.lanes]
+                heads = engine.heads()
                 self._write_blocking(encode_checkpoint(time.time(), engine.positions(), heads), sync=True)
             except OSError as exc:  # e.g. a full disk: start anyway, deliver what was replayed, answer 503
                 self._failed(exc, trio.current_time())
@@ -230,15 +230,15 @@ class Journal:
         number = self._active
         frames = [MAGIC, encode_reset()]
         top: dict[int, int] = {}
-        for li, lane in enumerate(engine.lanes):
-            rows = lane.log.entries()
+        for li in range(len(engine.lanes)):
+            rows = list(engine.held(li))
             for i in range(0, len(rows), SNAPSHOT_CHUNK):
                 chunk = rows[i : i + SNAPSHOT_CHUNK]
                 frames.append(encode_entries(li, chunk[0][0], [e.target for _, e in chunk],
                                              [e.accepted_at + self._wall_offset for _, e in chunk]))
             if rows:
                 top[li] = rows[-1][0]
-        frames.append(encode_checkpoint(time.time(), engine.positions(), [lane.log.head for lane in engine.lanes]))
+        frames.append(encode_checkpoint(time.time(), engine.positions(), engine.heads()))
         tmp = self.dir / f"{number:016d}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -412,7 +412,7 @@ class Journal:
         positions = None
         if roll or final or now >= self._checkpoint_at:
             positions = engine.positions()
-            heads = [lane.log.head for lane in engine.lanes]  # everything below is in this write or before
+            heads = engine.heads()  # everything below is in this write or before
             if positions == self._last_positions and not (roll or final or self._pending):
                 positions = None
             self._checkpoint_at = now + self.checkpoint_interval

@@ -3,9 +3,8 @@
 One task per listener, started with ``await nursery.start(serve_multicast, listen, ingest, stats, key=...)``.
 The loop waits for the socket to become readable, then drains it with non-blocking ``recvfrom_into`` until
 ``BlockingIOError`` (DESIGN.md §2: >= 300k datagrams/s against ~120k/s with one ``await`` per datagram),
-decodes in place, and calls
-``ingest(targets, source_label)`` once per drained batch and sending host. Multicast cannot push back, so
-everything that does not reach ingest is counted in :class:`MulticastStats` by reason.
+decodes in place, and calls ``ingest(urls, sender_ip)`` (admission) once per drained batch and sending host.
+Multicast cannot push back, so everything that is not accepted is counted in :class:`MulticastStats` by reason.
 """
 
 from __future__ import annotations
@@ -19,11 +18,12 @@ from collections.abc import Callable
 import trio
 
 from ..config import MulticastListen
+from ..core.admission import Refused
 from ..core.batchcodec import decode_batch
-from ..core.errors import DecodeError, InvalidURL, Overloaded
+from ..core.errors import DecodeError
 from ..core.htcp import decode_clr
 from ..core.udploss import LossTracker
-from ..core.urls import DEFAULT_MAX_LENGTH, parse_url
+from ..core.urls import DEFAULT_MAX_LENGTH
 
 log = logging.getLogger("purged.multicast")
 
@@ -35,7 +35,7 @@ LOG_INTERVAL = 10.0
 LINGER = 0.002  # 2 ms: next to a purge's journey (~1 s tier delay) nothing, to the CPU a lot
 
 PACKET_STATES = ("good", "bad", "filtered")
-DROP_REASONS = ("malformed", "source", "overload", "kernel", "invalid_url")
+DROP_REASONS = ("malformed", "source", "overload", "rate_limited", "journal", "kernel", "invalid_url")
 
 
 class MulticastSetupError(OSError):
@@ -59,7 +59,7 @@ class MulticastStats:
         """Flat counters; ``docs/wire.md`` maps each key to its Prometheus family.
 
         ``packets_{good,bad,filtered}``, ``bytes_read``, ``urls_accepted``, ``ingest_calls``,
-        ``drops_{malformed,source,overload,kernel,invalid_url}``, ``malformed_<decoder reason>``,
+        ``drops_{malformed,source,overload,rate_limited,journal,kernel,invalid_url}``, ``malformed_<decoder reason>``,
         ``rcvbuf_bytes`` (a gauge), ``loss_{received,lost,duplicates,reordered,resets,sources,evicted}``.
         """
         out = {f"packets_{k}": v for k, v in self.packets.items()}
@@ -99,13 +99,13 @@ class _RateLimitedLog:
 def open_multicast_socket(listen: MulticastListen, key: str) -> socket.socket:
     """Bind and join as ``listen`` says; return the non-blocking socket.
 
-    A ``group`` that is not a multicast address is bound as plain unicast (no join): handy on hosts where
-    multicast is unavailable, and in tests.
     """
     try:
         group = ipaddress.IPv4Address(listen.group)
     except ValueError:
         raise MulticastSetupError(f"{key}.group: {listen.group!r} is not an IPv4 address") from None
+    if not group.is_multicast:
+        raise MulticastSetupError(f"{key}.group: {listen.group} is not a multicast address")
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -118,8 +118,7 @@ def open_multicast_socket(listen: MulticastListen, key: str) -> socket.socket:
             raise MulticastSetupError(
                 exc.errno, f"{key}: cannot bind {group}:{listen.port}: {exc.strerror}"
             ) from exc
-        if group.is_multicast:
-            _join(sock, group, listen.interface, key)
+        _join(sock, group, listen.interface, key)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -197,7 +196,7 @@ class _SourceFilter:
 
 async def serve_multicast(
     listen: MulticastListen,
-    ingest: Callable[[list[str], str], None],
+    ingest: Callable[[list[str], str], list[dict]],
     stats: MulticastStats,
     *,
     key: str = "listen.multicast",
@@ -207,8 +206,9 @@ async def serve_multicast(
 ) -> None:
     """Receive until cancelled. ``task_status.started((host, port))`` once bound and joined.
 
-    ``ingest(targets, source_label)`` gets validated purge targets (``host + path``) and the sender's IP; it
-    may raise :class:`~purged.core.errors.Overloaded`, which drops (and counts) that batch. After a drain
+    ``ingest(urls, sender_ip)`` admits the URLs of a drain from one sender (admission validates them) and
+    returns the per-URL rejections; it raises :class:`~purged.core.admission.Refused` when nothing was
+    accepted, which drops (and counts) that batch by reason. After a drain
     that emptied the socket the task sleeps ``linger`` seconds, so that a trickle costs a wakeup per few
     milliseconds rather than one per datagram; the socket buffer absorbs the pause.
     """
@@ -222,6 +222,10 @@ async def serve_multicast(
         log.info("%s: receiving %s on %s:%d", key, listen.format, listen.group, sock.getsockname()[1])
         task_status.started(sock.getsockname())
         await _receive_loop(sock, listen, ingest, stats, max_url_length, linger)
+
+
+def _drop_reason(refused: Refused) -> str:
+    return refused.reason if refused.reason in ("overload", "rate_limited") else "journal"
 
 
 async def _receive_loop(sock, listen, ingest, stats: MulticastStats, max_url_length: int, linger: float):
@@ -271,15 +275,11 @@ async def _receive_loop(sock, listen, ingest, stats: MulticastStats, max_url_len
                 limited.warning(exc.reason, "dropping a datagram from %s: %s: %s", ip, exc.reason, exc)
                 continue
             good += 1
-            targets = groups.get(ip)
-            if targets is None:
-                targets = groups[ip] = []
-            for url in urls:
-                try:
-                    targets.append(parse_url(url, max_length=max_url_length, allow_bare_host=True))
-                except InvalidURL as exc:
-                    drops["invalid_url"] += 1
-                    limited.warning("url", "dropping a URL from %s: %s: %.200r", ip, exc.reason, url)
+            pending = groups.get(ip)
+            if pending is None:
+                groups[ip] = list(urls)
+            else:
+                pending.extend(urls)
 
         stats.bytes_read += nbytes
         packets["good"] += good
@@ -292,16 +292,22 @@ async def _receive_loop(sock, listen, ingest, stats: MulticastStats, max_url_len
             if count is not None:
                 drops["kernel"] += (count - last_drops) & 0xFFFFFFFF  # a u32 in the kernel: may wrap
                 last_drops = count
-        for ip, targets in groups.items():
-            if not targets:
+        for ip, urls in groups.items():
+            if not urls:
                 continue
             stats.ingest_calls += 1
             try:
-                ingest(targets, ip)
-            except Overloaded:
-                drops["overload"] += len(targets)
-                limited.warning("overload", "over the memory ceiling: dropped %d purges", len(targets))
-            else:
-                stats.urls_accepted += len(targets)
+                rejected = ingest(urls, ip)
+            except Refused as exc:
+                reason = _drop_reason(exc)
+                drops[reason] += len(urls)
+                limited.warning(reason, "dropped %d purges from %s: %s", len(urls), ip, exc.detail)
+                continue
+            if rejected:
+                drops["invalid_url"] += len(rejected)
+                first = rejected[0]
+                limited.warning("url", "dropping %d URLs from %s, e.g. %.200r: %s", len(rejected), ip,
+                                urls[first["index"]], first["reason"])
+            stats.urls_accepted += len(urls) - len(rejected)
         if emptied and linger > 0:
             await trio.sleep(linger)

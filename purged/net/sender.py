@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -19,21 +19,37 @@ from ..core.urls import split_target
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
-    from ..daemon import Service
 
 log = logging.getLogger("purged.sender")
 
 
+class SenderPort(Protocol):
+    """What a sender needs of the engine (``purged.net.driver.Driver`` provides it)."""
+
+    async def wait(self, name: str) -> None: ...
+    async def wait_for_work(self, name: str) -> None: ...
+    def take(self, name: str, limit: int) -> list[tuple[int, str]]: ...
+    def ack(self, name: str, answers: list[tuple[int, int]]) -> None: ...
+    def fail(self, name: str, idents: list[int], kind: str) -> None: ...
+    def requeue(self, name: str, idents: list[int]) -> None: ...
+    def reconnect_delay(self, name: str) -> float: ...
+
+
 class NodeSender:
-    def __init__(self, service: Service, address: Address, cfg: Sender):
-        self.service = service
-        self.engine = service.engine
+    def __init__(self, port: SenderPort, address: Address, cfg: Sender):
+        self.port = port
         self.name = str(address)
         self.address = address
         self.cfg = cfg
         self.window = cfg.window
         self.pipelining_fallbacks = 0
         self.connects = 0
+
+    def reconfigure(self, cfg: Sender) -> None:
+        """A reload: a window lowered by a pipelining fallback stays lowered."""
+        if self.cfg.window == self.window:
+            self.window = cfg.window
+        self.cfg = cfg
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -42,17 +58,16 @@ class NodeSender:
             task_status.started()
 
     async def _connection_loop(self) -> None:
-        engine, name = self.engine, self.name
+        port, name = self.port, self.name
         while True:
-            await self.service.wait_for_work(name)
+            await port.wait_for_work(name)
             try:
                 with trio.fail_after(self.cfg.connect_timeout):
                     stream = await trio.open_tcp_stream(self.address.host, self.address.port)
             except (OSError, trio.TooSlowError) as exc:
-                engine.fail(name, [], "connect", trio.current_time())
-                self.service.changed()
+                port.fail(name, [], "connect")
                 log.debug("%s: connect failed: %s", name, exc)
-                await trio.sleep(engine.reconnect_delay(name))
+                await trio.sleep(port.reconnect_delay(name))
                 continue
             self.connects += 1
             fifo: deque[int] = deque()
@@ -61,20 +76,17 @@ class NodeSender:
                     kind = await self._pipeline(stream, fifo)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 kind = "reset"
-            now = trio.current_time()
             if kind is None:
-                engine.requeue(name, list(fifo), now)
+                port.requeue(name, list(fifo))
             else:
-                engine.fail(name, list(fifo), kind, now)
-            self.service.changed()
-            if kind is not None:
+                port.fail(name, list(fifo), kind)
                 log.info("%s: connection %s with %d unanswered; they will be resent", name, kind, len(fifo))
-                await trio.sleep(engine.reconnect_delay(name))
+                await trio.sleep(port.reconnect_delay(name))
 
     async def _pipeline(self, stream: trio.SocketStream, fifo: deque[int]) -> str | None:
         """Run one connection until it ends. Returns ``None`` for a graceful end (the edge closed after some
         answers, or while idle) or the failure type (``reset``, ``timeout``, ``protocol``, ``closed``)."""
-        engine, name, service = self.engine, self.name, self.service
+        port, name = self.port, self.name
         space = trio.Event()
         sent_at = 0.0
         result: list[str | None] = ["reset"]
@@ -91,16 +103,14 @@ class NodeSender:
                     await space.wait()
                     space = trio.Event()
                     continue
-                now = trio.current_time()
-                items = engine.take(name, room, now)
+                items = port.take(name, room)
                 if not items:
-                    await service.wait_for_work(name)
+                    await port.wait(name)  # the engine wakes this node when it may have something
                     continue
                 if not fifo:
-                    sent_at = now
+                    sent_at = trio.current_time()
                 fifo.extend(seq for seq, _ in items)
                 data = b"".join(encode_purge(*split_target(target)) for _, target in items)
-                service.changed()  # take() may have moved a tier position
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -130,11 +140,13 @@ class NodeSender:
                     log.warning("%s: bad response (%s): %s", name, exc.reason, exc.detail)
                     return end("protocol")
                 closing = not data
+                answers = []
                 for resp in responses:
                     if not fifo:
+                        port.ack(name, answers)
                         log.warning("%s: a response without a request", name)
                         return end("protocol")
-                    engine.ack(name, fifo.popleft(), resp.status, now)
+                    answers.append((fifo.popleft(), resp.status))
                     answered += 1
                     if not resp.keep_alive:
                         if answered == 1 and fifo and self.window > 1:
@@ -144,9 +156,9 @@ class NodeSender:
                             log.warning("%s: closes after each response; sending one at a time", name)
                         closing = True
                         break
-                if responses:
+                if answers:
+                    port.ack(name, answers)
                     space.set()
-                    service.changed()
                 if closing:
                     return end(None if answered or not fifo else "closed")
 
