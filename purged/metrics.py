@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from .core.engine import Engine
+from .core.status import statistics
 
 NODE_LABELS = ["dc", "layer", "node"]
 
@@ -31,7 +32,7 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         engine = self._engine()
-        stats = engine.statistics(self._now())
+        stats = statistics(engine, self._now())
         nodes = stats["nodes"]
 
         def node_family(cls: type, name: str, doc: str, value: Callable[[str, Any], float]) -> Any:

@@ -3,6 +3,7 @@
 import random
 
 from purged.core.engine import BULK, Engine, Policy, classify
+from purged.core.status import batch_status
 from purged.core.topology import DatacenterSpec, TierSpec, Topology
 
 
@@ -64,10 +65,10 @@ def test_superseded_entry_is_done_only_when_its_successor_is_acked():
     e.submit(["h.org/a"], now=0.2)
     sent = e.take("b2", 1, 0.3)  # reads entry 0 (superseded, pinned) then takes entry 1
     assert [t for _, t in sent] == ["h.org/a"] and sent[0][0] == bulk(1)
-    st = e.batch_status(first.batch_id)
+    st = batch_status(e, first.batch_id)
     assert st.datacenters["a"]["backend"].done == 1  # b1 only: b2 has not acked the successor
     e.ack("b2", bulk(1), 200, 0.4)
-    assert e.batch_status(first.batch_id).datacenters["a"]["backend"].done == 2
+    assert batch_status(e, first.batch_id).datacenters["a"]["backend"].done == 2
 
 
 def test_frontend_waits_for_every_backend_plus_delay():
@@ -131,12 +132,12 @@ def test_node_marked_down_is_probed_one_at_a_time():
 def test_batch_status_and_trim():
     e = make_engine(delay=0.0)
     r = e.submit(["h.org/a", "h.org/b"], now=0.0)
-    st = e.batch_status(r.batch_id)
+    st = batch_status(e, r.batch_id)
     assert st.done is False and st.accepted == 2
     for node in ("b1", "b2", "b3", "f1"):
         drain(e, node, 0.0)
-    assert e.batch_status(r.batch_id).done is True
-    assert e.batch_status("nope") is None
+    assert batch_status(e, r.batch_id).done is True
+    assert batch_status(e, "nope") is None
     assert e.trim() == 2 and len(e.lanes[BULK].log) == 0 and e.lanes[BULK].log.index == {}
 
 

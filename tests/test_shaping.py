@@ -7,6 +7,7 @@ import pytest
 from purged.core.admission import Admission, Refused
 from purged.core.engine import BULK, HIGH, Engine, Policy
 from purged.core.limits import DedupWindow, TokenBucket
+from purged.core.status import batch_status, node_state
 from purged.core.topology import DatacenterSpec, TierSpec, Topology
 
 
@@ -100,7 +101,7 @@ def test_high_priority_overtakes_bulk_backlog():
     e.handle_timer(0.5)
     sent = send_all(e, "n1", 0.6)
     assert sent[0] == "h/urgent"
-    assert e.batch_status(r.batch_id).done and e.batch_status(r.batch_id).priority == "high"
+    assert batch_status(e, r.batch_id).done and batch_status(e, r.batch_id).priority == "high"
 
 
 def test_max_pending_refuses_whole_batches_and_counts_them():
@@ -128,14 +129,14 @@ def test_max_lag_declares_a_node_out_of_sync():
     e.submit([f"h/{i}" for i in range(150)], 0.0)
     send_all(e, "fast", 0.0)
     e.handle_timer(1.0)
-    st = e.node_state("slow", 1.0)
+    st = node_state(e, "slow", 1.0)
     assert st.state == "out_of_sync" and st.backlog == 0
     assert e.nodes["slow"].stats.dropped["max_lag"] == 150
     assert e.trim() == 150  # the slow node no longer pins the log
     e.submit(["h/new"], 2.0)
     assert send_all(e, "slow", 2.0) == ["h/new"]  # it continues from the head
     e.handle_timer(3.0)
-    assert e.node_state("slow", 3.0).state == "up"
+    assert node_state(e, "slow", 3.0).state == "up"
 
 
 def test_max_age_drops_stale_purges_for_a_node():

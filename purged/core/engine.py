@@ -4,8 +4,8 @@ The I/O layer feeds it and performs what it answers (like h11 / aioquic): ``subm
 (after :mod:`purged.core.admission` said yes); ``take(node, n, now)`` for the next purges to send to a node;
 ``ack``/``fail``/``requeue`` with what happened; ``get_timer()``/``handle_timer(now)`` for retries, deferrals,
 rate limits and tier delays. After feeding it, the I/O layer drains :meth:`Engine.events` (which nodes to wake,
-whether the timer moved, which lanes progressed) in one place. Queries (``has_work``, ``backlog``,
-``batch_status``, ``statistics``...) change nothing. No clock, no sockets, no logging here.
+whether the timer moved, which lanes progressed) in one place. Queries (``has_work``, ``backlog``, and the
+read-only views in :mod:`purged.core.status`) change nothing. No clock, no sockets, no logging here.
 
 A purge handed to a sender is named by an id ``seq << 1 | lane``: one integer, whichever lane it is in.
 """
@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .batches import Batches, BatchStatus, TierProgress
+from .batches import Batches
 from .events import Events, Outbox, SetAside
 from .histogram import LATENCY_BUCKETS, Histogram
 from .lane import Lane
@@ -27,8 +27,8 @@ from .node import Node, NodeStats, Policy, classify
 from .topology import Topology
 
 __all__ = [
-    "BULK", "HIGH", "LANES", "LATENCY_BUCKETS", "Engine", "Events", "Node", "NodeState", "NodeStats", "Policy",
-    "Receipt", "classify",
+    "BULK", "HIGH", "LANES", "LATENCY_BUCKETS", "Engine", "Events", "Node", "NodeStats", "Policy", "Receipt",
+    "classify",
 ]
 
 LANES = ("high", "bulk")  # drained in this order
@@ -41,17 +41,6 @@ class Receipt:
     batch_id: str
     accepted: int
     coalesced: int
-
-
-@dataclass(frozen=True, slots=True)
-class NodeState:
-    dc: str
-    tier: str
-    state: str  # up, down, out_of_sync
-    backlog: int
-    inflight: int
-    retrying: int
-    oldest_pending_seconds: float
 
 
 @dataclass
@@ -214,62 +203,10 @@ class Engine:
         for li, lane in enumerate(self.lanes):
             if len(out) >= limit:
                 break
-            self._read(node, li, lane, limit, now, out)
+            lane.read(node, li, limit, now, out, self.policy.max_age)
         node.bucket.consume(len(out), now)
         node.stats.sent += len(out)
         return out
-
-    def _read(self, node: Node, li: int, lane: Lane, limit: int, now: float, out: list) -> None:
-        name, bit, dedup, stats = node.name, node.dc_bit, node.dedup, node.stats
-        cur = lane.cursors[name]
-        log = lane.log
-        index = log.index
-        max_age = self.policy.max_age
-        stop = lane.read_limit(name, now)
-        cursor = start = cur.cursor
-        inflight = node.inflight
-        while cursor < stop and len(out) < limit:
-            seq = cursor
-            cursor += 1
-            entry = log.get(seq)
-            if not entry.dc_mask & bit:
-                continue
-            cur.matched += 1
-            target = entry.target
-            latest = index[target]
-            if latest != seq:
-                cur.pin(seq, latest)  # a later entry for the same target will purge it
-                continue
-            if max_age and entry.accepted_at + max_age < now:
-                cur.take(seq)
-                cur.finish(seq)
-                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
-                self._out.progress = True
-                continue
-            ident = seq << 1 | li
-            if dedup is not None:
-                until = dedup.blocked_until(target, now)
-                if until is not None:
-                    stats.deferred += 1
-                    prior = node.deferred.get(target)
-                    if prior is not None and prior & 1 == li:
-                        # Already deferred to the window's end, which is after this purge arrived: that one
-                        # send serves both (trailing edge: once per window however many repeats came).
-                        cur.pin(seq, prior >> 1)
-                        continue
-                    cur.take(seq)
-                    node.deferred[target] = ident
-                    heapq.heappush(node.retries, (until, ident))
-                    self._out.timer = True
-                    continue
-                dedup.sent(target, now)
-            cur.take(seq)
-            inflight.add(ident)
-            out.append((ident, target))
-        cur.cursor = cursor
-        if cursor > start:
-            log.mark_read(cursor - 1)
-            lane.moved(name, now)
 
     def ack(self, name: str, ident: int, status: int, now: float) -> str:
         """Node ``name`` answered ``status`` to the PURGE ``ident``; returns its :func:`classify` verdict."""
@@ -501,61 +438,6 @@ class Engine:
 
     def total_backlog(self) -> int:
         return sum(self.backlog(name) for name in self.nodes)
-
-    def oldest_pending_age(self, name: str, now: float) -> float:
-        """Age of the oldest purge this node still owes (approximate: the entry at its position per lane)."""
-        age = 0.0
-        for lane in self.lanes:
-            position = lane.cursors[name].position
-            if lane.backlog(name) and position < lane.log.head:
-                age = max(age, now - lane.log.get(max(position, lane.log.base)).accepted_at)
-        return age
-
-    def batch_status(self, batch_id: str) -> BatchStatus | None:
-        batch = self.batches.get(batch_id)
-        if batch is None:
-            return None
-        lane = self.lanes[batch.lane]
-        dcs: dict[str, dict[str, TierProgress]] = {}
-        done_all = True
-        for di, dc in enumerate(self.topology.datacenters):
-            tiers = {}
-            for tier in lane.tiers[di]:
-                done = sum(1 for n in tier.nodes if lane.cursors[n].position >= batch.hi)
-                done_all &= done == len(tier.nodes)
-                tiers[tier.name] = TierProgress(len(tier.nodes), done)
-            dcs[dc.name] = tiers
-        return BatchStatus(batch_id, done_all, batch.accepted, LANES[batch.lane], dcs)
-
-    def batch_done_at(self, batch_id: str) -> tuple[int, int] | None:
-        """``(lane, hi)``: the batch is done everywhere once :attr:`Events.floors` of that lane reaches ``hi``."""
-        batch = self.batches.get(batch_id)
-        return None if batch is None else (batch.lane, batch.hi)
-
-    def node_state(self, name: str, now: float) -> NodeState:
-        node = self.nodes[name]
-        dc = self.topology.datacenters[node.dc_index]
-        return NodeState(
-            dc.name,
-            dc.tiers[node.tier_index].name,
-            "down" if node.down else "out_of_sync" if node.out_of_sync else "up",
-            self.backlog(name),
-            len(node.inflight),
-            len(node.retries),
-            self.oldest_pending_age(name, now),
-        )
-
-    def statistics(self, now: float) -> dict:
-        """Plain numbers for the metrics collector and /healthz; a pure read."""
-        return {
-            "log_entries": sum(len(lane.log) for lane in self.lanes),
-            "unique_pending": self.unique_pending(),
-            "batches": self.batches.count,
-            "sources": self.sources,
-            "nodes": {name: self.node_state(name, now) for name in self.nodes},
-            "node_stats": {name: node.stats for name, node in self.nodes.items()},
-            "latency": self.latency,
-        }
 
 
 _NO_EVENTS = Events()

@@ -8,13 +8,18 @@ next tier of that data centre may read below it once its ``delay`` has passed (D
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .cursor import NodeCursor
 from .events import Outbox
 from .log import Entry, PurgeLog
 from .topology import Topology
+
+if TYPE_CHECKING:
+    from .node import Node
 
 
 @dataclass
@@ -55,6 +60,60 @@ class Lane:
                     appended[di] += 1
                 di += 1
         return seq, merged
+
+    def read(self, node: Node, li: int, limit: int, now: float, out: list, max_age: float) -> None:
+        """Read this lane for ``node`` up to its read limit, appending ``(id, target)`` to send to ``out``
+        (at most ``limit``): entries for other data centres are passed, superseded ones pinned on their
+        successor, stale ones (``max_age``) dropped, ones inside the node's dedup window deferred to its end."""
+        name, bit, dedup, stats = node.name, node.dc_bit, node.dedup, node.stats
+        cur = self.cursors[name]
+        log = self.log
+        index = log.index
+        stop = self.read_limit(name, now)
+        cursor = start = cur.cursor
+        inflight = node.inflight
+        while cursor < stop and len(out) < limit:
+            seq = cursor
+            cursor += 1
+            entry = log.get(seq)
+            if not entry.dc_mask & bit:
+                continue
+            cur.matched += 1
+            target = entry.target
+            latest = index[target]
+            if latest != seq:
+                cur.pin(seq, latest)  # a later entry for the same target will purge it
+                continue
+            if max_age and entry.accepted_at + max_age < now:
+                cur.take(seq)
+                cur.finish(seq)
+                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
+                self.out.progress = True
+                continue
+            ident = seq << 1 | li
+            if dedup is not None:
+                until = dedup.blocked_until(target, now)
+                if until is not None:
+                    stats.deferred += 1
+                    prior = node.deferred.get(target)
+                    if prior is not None and prior & 1 == li:
+                        # Already deferred to the window's end, which is after this purge arrived: that one
+                        # send serves both (trailing edge: once per window however many repeats came).
+                        cur.pin(seq, prior >> 1)
+                        continue
+                    cur.take(seq)
+                    node.deferred[target] = ident
+                    heapq.heappush(node.retries, (until, ident))
+                    self.out.timer = True
+                    continue
+                dedup.sent(target, now)
+            cur.take(seq)
+            inflight.add(ident)
+            out.append((ident, target))
+        cur.cursor = cursor
+        if cursor > start:
+            log.mark_read(cursor - 1)
+            self.moved(name, now)
 
     def read_limit(self, node: str, now: float) -> int:
         di, ti = self.place[node]

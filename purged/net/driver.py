@@ -19,6 +19,7 @@ import trio
 from ..core.admission import Admission, Admitted, Refused
 from ..core.batches import BatchStatus
 from ..core.engine import Engine
+from ..core.status import batch_status
 
 log = logging.getLogger("purged")
 
@@ -144,15 +145,16 @@ class Driver:
     # -- status ------------------------------------------------------------------------------------------------
 
     def batch_status(self, batch_id: str) -> BatchStatus | None:
-        return self.engine.batch_status(batch_id)
+        return batch_status(self.engine, batch_id)
 
     async def wait_batch(self, batch_id: str, timeout: float) -> BatchStatus | None:
         """The batch's status once it is done everywhere or ``timeout`` passed. Past ``max_waiters`` open
         waits the current status is answered at once: a long-poll costs memory, never CPU per response."""
-        status = self.engine.batch_status(batch_id)
-        if status is None or status.done or timeout <= 0 or self.waiting >= self.max_waiters:
+        status = batch_status(self.engine, batch_id)
+        batch = self.engine.batches.get(batch_id)
+        if batch is None or status is None or status.done or timeout <= 0 or self.waiting >= self.max_waiters:
             return status
-        lane, hi = self.engine.batch_done_at(batch_id)  # type: ignore[misc]
+        lane, hi = batch.lane, batch.hi  # done everywhere once the lane's floor reaches hi
         n = next(self._counter)
         event = trio.Event()
         heap, waiters = self._heaps[lane], self._waiters[lane]
@@ -165,7 +167,7 @@ class Driver:
             if waiters.pop(n, None) is not None and len(heap) > 2 * len(waiters) + 64:
                 heap[:] = [item for item in heap if item[1] in waiters]  # drop the timed-out entries
                 heapq.heapify(heap)
-        return self.engine.batch_status(batch_id)
+        return batch_status(self.engine, batch_id)
 
     async def wait_progress(self, timeout: float) -> None:
         """Until some lane's floor moves (or ``timeout``): the drain on SIGTERM re-checks the backlog then."""
