@@ -21,6 +21,7 @@ from .config import Config, ConfigError, load_config
 from .core.admission import Admission, URLRules
 from .core.engine import Engine, Policy
 from .core.reload import reconfigure
+from .core.status import statistics
 from .core.topology import DatacenterSpec, TierSpec, Topology
 from .metrics import EngineCollector, JournalCollector, MulticastCollector, SenderCollector
 from .net import systemd
@@ -199,7 +200,7 @@ class Service:
         return self.engine.total_backlog()
 
     def health(self) -> dict:
-        stats = self.engine.statistics(trio.current_time())
+        stats = statistics(self.engine, trio.current_time())
         return {
             "status": "draining" if self.api.stopping.is_set() else "ok",
             "log_entries": stats["log_entries"],
