@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..core.admission import Admission, Admitted, Refused
+from ..core.auth import Token
 from ..core.batches import BatchStatus
 from ..core.engine import Engine
 from ..core.status import batch_status
@@ -62,7 +63,7 @@ class Driver:
             self._release(events.floors)
             self._progress.unpark_all()
         for item in events.set_aside:
-            log.warning("%s: set aside %s after %d failures that followed it (counted as dropped, "
+            log.warning("%s: set aside %.200s after %d failures that followed it (counted as dropped, "
                         "reason poison)", item.node, item.target, item.failures)
 
     def _release(self, floors: tuple[int, ...]) -> None:
@@ -119,12 +120,13 @@ class Driver:
     # -- admission ---------------------------------------------------------------------------------------------
 
     def ingest(self, urls: list[Any], source: str, *, client: str | None = None, priority: str = "bulk",
-               bare_host: bool = False) -> Admitted:
+               bare_host: bool = False, token: Token | None = None) -> Admitted:
         """Admit a batch now (multicast: never waits). Raises :class:`Refused` when nothing was accepted."""
         journal = self.journal
         error = journal.error.reason if journal is not None and journal.error is not None else None
         admitted = self.admission.admit(urls, source=source, now=trio.current_time(), client=client,
-                                        priority=priority, journal_error=error, bare_host=bare_host)
+                                        priority=priority, journal_error=error, bare_host=bare_host,
+                                        token=token)
         if admitted.receipt is not None:
             self._dispatch()
             if journal is not None:
@@ -132,12 +134,12 @@ class Driver:
         return admitted
 
     async def accept(self, urls: list[Any], source: str, *, client: str | None = None,
-                     priority: str = "bulk") -> Admitted:
+                     priority: str = "bulk", token: Token | None = None) -> Admitted:
         """:meth:`ingest`, then wait until the journal holds the batch as ``durability`` promises: the 2xx
         an HTTP client then gets is that promise. Raises :class:`~purged.net.journal.JournalError` (a 503)
         if this very write fails; the purges are in memory and will still be delivered, and a client retry
         is harmless."""
-        admitted = self.ingest(urls, source, client=client, priority=priority)
+        admitted = self.ingest(urls, source, client=client, priority=priority, token=token)
         if admitted.receipt is not None and self.journal is not None:
             await self.journal.commit()
         return admitted
