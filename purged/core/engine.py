@@ -228,6 +228,7 @@ class Engine:
         seq = ident >> 1
         if verdict == "ok":
             node.failures = 0
+            node.oks += 1
             if node.down:
                 node.down = False
                 self._out.wake.add(name)  # out of probing: a full window again
@@ -262,15 +263,19 @@ class Engine:
 
     def _suspect(self, node: Node, ident: int, now: float) -> bool:
         """Count one more failure that followed ``ident`` on ``node``; past ``poison_after`` set it aside for
-        that node (DESIGN.md guarantee 4: one bad purge never holds a lane or a tier gate forever)."""
+        that node (DESIGN.md guarantee 4: one bad purge never holds a lane or a tier gate forever).
+
+        Only once the node answered some other purge since this one first failed: a node failing everything
+        (a 503 storm, a restart) is a node problem, retried without limit, not a poison purge."""
         limit = self.policy.poison_after
         if not limit:
             return False
-        count = node.suspects.get(ident, 0) + 1
-        if count < limit:
-            node.suspects[ident] = count
+        count, oks = node.suspects.get(ident, (0, node.oks))
+        count += 1
+        if count < limit or node.oks == oks:
+            node.suspects[ident] = (count, oks)
             return False
-        node.suspects.pop(ident, None)
+        del node.suspects[ident]
         node.inflight.discard(ident)
         lane = self.lanes[ident & 1]
         seq = ident >> 1
@@ -307,7 +312,9 @@ class Engine:
 
     def _schedule_retry(self, node: Node, ident: int, now: float) -> None:
         node.inflight.discard(ident)
-        heapq.heappush(node.retries, (now + self._backoff(node.failures), ident))
+        # A purge that keeps failing backs off on its own count too, though the node answers others.
+        failures = max(node.failures, node.suspects[ident][0]) if ident in node.suspects else node.failures
+        heapq.heappush(node.retries, (now + self._backoff(failures), ident))
         self._out.timer = True
 
     # -- timers -----------------------------------------------------------------------------------------------

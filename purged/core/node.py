@@ -57,7 +57,9 @@ class Node:
         self.inflight: set[int] = set()
         self.retries: list[tuple[float, int]] = []  # heap of (due, id): retries and dedup deferrals
         self.deferred: dict[str, int] = {}  # target -> id waiting in ``retries`` for its dedup window to end
-        self.suspects: dict[int, int] = {}  # id -> failures that followed it in a row (see Policy.poison_after)
+        # id -> (failures that followed it in a row, ``oks`` at its first): see Policy.poison_after
+        self.suspects: dict[int, tuple[int, int]] = {}
+        self.oks = 0  # purges this node acknowledged
         self.failures = 0  # consecutive
         self.down = False
         self.out_of_sync = False

@@ -71,11 +71,6 @@ async def test_each_fault_mode_then_pass_loses_nothing(varnish_factory, nursery)
     assert oracle.metric_sum(metrics, "purged_retries_total", node=proxy.address) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/reliability.md, Findings): every 5xx counts as a strike against that purge, so a "
-    "node-wide 503 storm sets aside (poison) nearly every purge in flight; remove this mark once fixed",
-)
 async def test_node_wide_503_storm_then_recovery_drops_nothing(varnish_factory, nursery):
     """A node answering 503 to everything for a while is an outage, not a bad purge: once it answers again,
     every purge accepted during the storm reaches it (guarantee 1); none may be set aside as a poison purge."""
