@@ -82,24 +82,27 @@ async def test_stopped_node_catches_up_and_never_holds_the_others(varnish_factor
     async with running_daemon(two_dc_config(nodes)) as (service, client):
         await trio.to_thread.run_sync(be2.stop)
         urls = [f"https://en.wikipedia.org/wiki/Q{i}" for i in range(300)]
-        batch = (await client.post("/v1/purge", json={"urls": urls})).json()["id"]
         start = trio.current_time()
-        while True:  # eqiad finishes on its own: codfw's dead backend does not hold it
-            st = (await client.get(f"/v1/purge/{batch}?wait=0.2")).json()
-            if st["datacenters"]["eqiad"]["frontend"]["done"]:
-                break
-            assert trio.current_time() - start < 10
-        assert trio.current_time() - start < DELAY + 3
+        batch = (await client.post("/v1/purge", json={"urls": urls})).json()["id"]
+        with trio.fail_after(60):  # generous: a loaded machine is slow, but a held eqiad would never finish
+            while True:  # eqiad finishes on its own, while codfw's backend is still down
+                st = (await client.get(f"/v1/purge/{batch}?wait=0.2")).json()
+                if st["datacenters"]["eqiad"]["frontend"]["done"]:
+                    break
+        took = trio.current_time() - start
+        assert DELAY <= took < DELAY + 30, took  # the frontend waited its delay; nothing waited for codfw
         assert not st["done"]
         assert st["datacenters"]["codfw"] == {"backend": {"nodes": 1, "done": 0}, "frontend": {"nodes": 1, "done": 0}}
         health = (await client.get("/healthz")).json()["nodes"]
         assert health[be2.address]["backlog"] == 300 and health[fe2.address]["backlog"] == 300
         assert await trio.to_thread.run_sync(fe2.n_purges) == 0  # held back behind its backend
-        restarted_at = trio.current_time()
         await trio.to_thread.run_sync(be2.restart)
-        st = (await client.get(f"/v1/purge/{batch}?wait=20")).json()
+        restarted_at = trio.current_time()  # after varnishd is up again: its start-up time is not ours
+        with trio.fail_after(60):
+            while not (st := (await client.get(f"/v1/purge/{batch}?wait=5")).json())["done"]:
+                pass
         assert st["done"], st
-        assert trio.current_time() - restarted_at < 15
+        assert trio.current_time() - restarted_at < 30  # retry_max is 0.2 s: no long back-off after the outage
     assert {p.url for p in await purges_of(be2)} == {f"/wiki/Q{i}" for i in range(300)}
     assert {p.url for p in await purges_of(fe2)} == {f"/wiki/Q{i}" for i in range(300)}
 
@@ -115,18 +118,34 @@ async def test_configured_rate_is_what_varnish_sees(varnish_factory):
         },
         "state_dir": None,
     }
+    samples = []  # (seconds since before the POST, at the latest; the limited node's MAIN.n_purges)
     async with running_daemon(cfg) as (service, client):
         start = trio.current_time()
         batch = (await client.post("/v1/purge", json={"urls": [f"http://h.org/r{i}" for i in range(count)]})).json()
-        await trio.sleep(1.0)
-        at_one_second = await trio.to_thread.run_sync(limited.n_purges)
-        assert await trio.to_thread.run_sync(free.n_purges) == count  # the other DC is not paced
+        with trio.fail_after(30):  # the other DC is not paced: it is done while the slow one is still sending
+            while await trio.to_thread.run_sync(free.n_purges) < count:
+                await trio.sleep(0.05)
+        free_done = await trio.to_thread.run_sync(limited.n_purges)
+        assert free_done < count, free_done
+        assert await trio.to_thread.run_sync(free.n_purges) == count
+        with trio.fail_after(60):
+            while True:
+                n = await trio.to_thread.run_sync(limited.n_purges)
+                samples.append((trio.current_time() - start, n))
+                if n == count:
+                    break
+                await trio.sleep(0.2)
         st = (await client.get(f"/v1/purge/{batch['id']}?wait=10")).json()
         took = trio.current_time() - start
         metrics = (await client.get("/metrics")).text
     assert st["done"]
-    # Varnish's own counter: the burst plus ~rate per second, never more.
-    assert burst + rate * 0.5 <= at_one_second <= burst + rate * 1.0 + 15, at_one_second
+    # Varnish's own counter: the burst plus ~rate per second, never more. Each sample's time is taken after
+    # its read, so it bounds the time the bucket had to refill whatever a loaded machine did.
+    for elapsed, n in samples:
+        assert n <= burst + rate * elapsed + 15, (elapsed, n)
+    # ... and not much less: the whole batch went at no less than half the rate (generous for a loaded machine).
+    paced = samples[-1][0]
+    assert (count - burst) / rate - 0.1 <= paced <= 2 * (count - burst) / rate + 5, paced
     assert took >= (count - burst) / rate - 0.1, took
     assert await trio.to_thread.run_sync(limited.n_purges) == count
     assert f'purged_node_rate_limited_total{{dc="slow",layer="tier0",node="{limited.address}"}}' in metrics

@@ -247,15 +247,18 @@ def test_sigterm_with_a_journal_checkpoints_at_once_then_the_rest_is_replayed(tm
                         r = await client.post("/v1/purge", json={"urls": urls})
                         assert r.status_code == 202
                         accepted.update(u[len("http://h.test"):] for u in urls)
-                await trio.sleep(0.5)
+                with trio.fail_after(20):  # delivery under way; a fixed sleep is not enough on a loaded machine
+                    while not edge.answered:
+                        await trio.sleep(0.02)
                 t0 = time.monotonic()
                 purged.signal(signal.SIGTERM)
-                code = await trio.to_thread.run_sync(purged.wait, 15)
+                code = await trio.to_thread.run_sync(purged.wait, 25)
                 took = time.monotonic() - t0
                 assert code == 0, purged.output()
                 # With a healthy journal the purges still owed are safe on disk: a short grace for answers on
-                # the wire and a final checkpoint, not a drain of 25 s (issue 11 #10).
-                assert took < 10, took
+                # the wire and a final checkpoint, not a drain of 25 s (issue 11 #10). Generous for a loaded
+                # machine, still well short of the drain.
+                assert took < 15, took
                 delivered_first = {r.path for r in edge.answered}
                 assert 0 < len(delivered_first) < len(accepted)
                 assert "the journal holds them for the next start" in purged.output()
@@ -264,7 +267,7 @@ def test_sigterm_with_a_journal_checkpoints_at_once_then_the_rest_is_replayed(tm
                 config.write_text(yaml.safe_dump(cfg))
                 purged = PurgedProcess(config, port, tmp_path)
                 await trio.to_thread.run_sync(purged.wait_listening)
-                with trio.fail_after(20):
+                with trio.fail_after(60):
                     while not accepted <= {r.path for r in edge.answered}:
                         await trio.sleep(0.1)
                 resent = len(edge.answered) - len(accepted)
