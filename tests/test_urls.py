@@ -82,3 +82,72 @@ def test_fast_path_agrees_with_the_general_path(url, bare):
             return ("error", exc.reason)
 
     assert outcome(lambda: parse_url(url, allow_bare_host=bare)) == outcome(lambda: _parse_url(url, 8192, bare))
+
+
+# -- issue 11: lone surrogates and other characters that have no place in a request line -------------------------
+
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("http://h.org/\ud800x", "URL contains a lone surrogate (U+D800) at 13"),
+        ("http://h.org/ok?q=\udcff", "URL contains a lone surrogate (U+DCFF)"),
+        ("http://\ud800.org/", "URL contains a lone surrogate (U+D800) at 7"),
+        ("//h.org/\udfff", "URL contains a lone surrogate (U+DFFF)"),
+        ("http://h.org/a\x7f", "URL contains a control character (U+007F)"),
+        ("http://h.org/a\x85b", "URL contains a control character (U+0085)"),  # C1 NEL
+        ("http://h.org/a\x9b", "URL contains a control character (U+009B)"),  # C1 CSI
+        ("http://h.org/a\rb", "URL contains a control character (U+000D)"),
+        ("http://h.org/a b", "URL contains a space (U+0020)"),
+    ],
+)
+def test_surrogates_and_controls_are_rejected(url, detail):
+    with pytest.raises(InvalidURL) as info:
+        parse_url(url)
+    assert info.value.reason == "control_char"
+    assert info.value.detail.startswith(detail)
+
+
+def test_hosts_with_surrogates_or_controls_are_rejected():
+    for host in ("\ud800", "h\udcff.org", "h.org\x85", "h.org:\ud800", "[::1\ud800]"):
+        with pytest.raises(InvalidURL) as info:
+            validate_host(host)
+        assert info.value.reason == "control_char"
+        assert "host contains" in info.value.detail
+
+
+def test_huge_port_is_bad_port_not_valueerror():
+    for url in ("http://h.org:" + "1" * 5000 + "/", "http://h.org:000080/", "http://h.org:٨٠/"):
+        with pytest.raises(InvalidURL) as info:
+            parse_url(url)
+        assert info.value.reason == "bad_port"
+
+
+# Hypothesis seldom draws a surrogate by itself, and st.text() drops them from a union: name a few, join lists.
+HOSTILE_CHARS = (
+    st.characters()
+    | st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff", "\x85", "\x9f", "\x7f", "\x00", "\r", "\n", " "])
+    | st.sampled_from(list("ab.-_:/?#%@[]AZ09é"))
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.sampled_from(["http://", "https://", "//", ""]),
+    st.sampled_from(["h.org", "h.org:80", "[::1]", "bücher.example", ""]) | st.lists(HOSTILE_CHARS, max_size=6).map("".join),
+    st.sampled_from(["/", "?", ":", ""]),
+    st.lists(HOSTILE_CHARS, max_size=12).map("".join),
+    st.booleans(),
+)
+def test_any_string_is_a_target_or_invalid_url(prefix, host, sep, rest, bare):
+    url = prefix + host + sep + rest
+
+    def outcome(fn):
+        try:
+            return fn()
+        except InvalidURL as exc:
+            return ("error", exc.reason)
+
+    result = outcome(lambda: parse_url(url, allow_bare_host=bare))
+    assert result == outcome(lambda: _parse_url(url, 8192, bare))
+    if isinstance(result, str):
+        assert result.isascii() and result.isprintable() and " " not in result  # safe for a request line

@@ -60,7 +60,7 @@ def _load_msgpack(body: bytes) -> Any:
         return msgpack.unpackb(body, raw=False, strict_map_key=True)
     except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
         # msgpack's UnpackException subclasses are not ValueErrors: catch both.
-        raise _bad("bad_msgpack", f"body is not valid msgpack: {exc}") from None
+        raise _bad("bad_msgpack", f"body is not valid msgpack: {str(exc) or type(exc).__name__}") from None
 
 
 def decode_purge_body(content_type: str | None, body: bytes, max_urls: int) -> PurgeRequest:

@@ -15,7 +15,9 @@ DEFAULT_MAX_LENGTH = 8192  # resource_change's meta.uri limit
 # RFC 3986 reg-name characters we accept in a host (no percent-escapes, no userinfo), plus '_' seen in the wild.
 _HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9_.-]*[a-z0-9_])?\Z")
 _IPV6_RE = re.compile(r"\[[0-9a-f:.]+\]\Z")
-_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")  # controls, CR, LF, and space (would break the request line)
+# C0 and C1 controls, CR, LF, DEL and space (they would break the request line or a log line), and lone surrogates
+# (JSON's "\ud800" escape decodes to one; it is not a character and has no UTF-8 form to percent-encode).
+_BAD_CHAR_RE = re.compile("[\x00-\x20\x7f-\x9f\ud800-\udfff]")
 # The common case in one regex match (several times faster than the general path, which the multicast hot path
 # needs): a lower-case scheme, a lower-case DNS name without port, a printable ASCII path without fragment.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
@@ -26,12 +28,19 @@ def _reject(reason: str, detail: str) -> InvalidURL:
     return InvalidURL(detail, reason=reason)
 
 
+def _check_chars(text: str, what: str) -> None:
+    m = _BAD_CHAR_RE.search(text)
+    if m is not None:
+        c = m.group()
+        kind = "a lone surrogate" if "\ud800" <= c <= "\udfff" else "a space" if c == " " else "a control character"
+        raise _reject("control_char", f"{what} contains {kind} (U+{ord(c):04X}) at {m.start()}")
+
+
 def validate_host(host: str) -> str:
     """Return the canonical (lower-case, ASCII) form of ``host[:port]`` or raise :class:`InvalidURL`."""
     if not host:
         raise _reject("bad_host", "empty host")
-    if _CONTROL_RE.search(host):
-        raise _reject("control_char", "host contains a control character, space, CR or LF")
+    _check_chars(host, "host")
     if "@" in host:
         raise _reject("userinfo", "userinfo (user@) is not allowed")
     host = host.lower()
@@ -58,7 +67,7 @@ def validate_host(host: str) -> str:
         if len(name) > 253 or not _HOST_RE.match(name) or ".." in name:
             raise _reject("bad_host", f"invalid host name {name[:80]!r}")
     if port or host.endswith(":"):
-        if not port.isdigit() or not port.isascii() or not 0 < int(port) < 65536:
+        if not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
             raise _reject("bad_port", f"invalid port {port[:10]!r}")
         return f"{name}:{int(port)}"
     return name
@@ -94,8 +103,7 @@ def _parse_url(url: str, max_length: int, allow_bare_host: bool) -> str:
         raise _reject("empty", "empty URL")
     if len(url) > max_length:
         raise _reject("too_long", f"URL is {len(url)} characters, the limit is {max_length}")
-    if _CONTROL_RE.search(url):
-        raise _reject("control_char", "URL contains a control character, space, CR or LF")
+    _check_chars(url, "URL")
     lower = url[:8].lower()
     if lower.startswith("http://"):
         rest = url[7:]
