@@ -161,9 +161,16 @@ async def test_stopping_answers_requests_in_progress_and_refuses_new_ones(api):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiting_request)
-        await trio.sleep(0.2)  # the request is being handled (held by ?wait)
+        with trio.fail_after(10):
+            while not service.driver.waiting:  # the request is being handled (held by ?wait)
+                await trio.sleep(0.01)
         service.api.stopping.set()
     assert answers[0].status_code == 200 and answers[0].headers["connection"] == "close"
-    await trio.sleep(0.1)
-    with pytest.raises(OSError):
-        await trio.open_tcp_stream("127.0.0.1", service.http_port)
+    with trio.fail_after(10):  # the listener closes soon after; a generous deadline, not a fixed sleep
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", service.http_port)
+            except OSError:
+                break
+            await stream.aclose()
+            await trio.sleep(0.05)

@@ -101,16 +101,16 @@ async def test_stalled_node_times_out_and_never_slows_the_others(nursery):
     async with running_daemon(cfg) as (service, client):
         start = trio.current_time()
         batch = await post(client, [f"http://h.org/p{i}" for i in range(500)])
-        for _ in range(100):
-            if service.engine.backlog(nodes[1]) == 0:
-                break
-            await trio.sleep(0.02)
-        assert service.engine.backlog(nodes[1]) == 0
-        assert trio.current_time() - start < 1.5  # the healthy node did not wait for the stalled one
+        with trio.fail_after(30):
+            while service.engine.backlog(nodes[1]):
+                await trio.sleep(0.02)
+        # The healthy node did not wait for the stalled one: it was done before the stalled one timed out.
+        assert service.engine.nodes[nodes[0]].stats.errors.get("timeout", 0) == 0
         st = (await client.get(f"/v1/purge/{batch}")).json()
         assert st["datacenters"]["b"]["t0"]["done"] == 1 and not st["done"]
-        await trio.sleep(1.2)  # > sender.timeout: the stalled connection is given up on
-        assert service.engine.nodes[nodes[0]].stats.errors.get("timeout", 0) >= 1
+        with trio.fail_after(30):  # > sender.timeout: the stalled connection is given up on
+            while not service.engine.nodes[nodes[0]].stats.errors.get("timeout", 0):
+                await trio.sleep(0.05)
         health = (await client.get("/healthz")).json()
         assert health["nodes"][nodes[0]]["backlog"] == 500
         stalled.resume()
