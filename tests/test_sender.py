@@ -99,7 +99,6 @@ async def test_stalled_node_times_out_and_never_slows_the_others(nursery):
     nodes = await start_edges(nursery, stalled, healthy)
     cfg = config_for({"a": [[nodes[0]]], "b": [[nodes[1]]]}, sender=FAST_RETRY)
     async with running_daemon(cfg) as (service, client):
-        start = trio.current_time()
         batch = await post(client, [f"http://h.org/p{i}" for i in range(500)])
         with trio.fail_after(30):
             while service.engine.backlog(nodes[1]):
