@@ -67,6 +67,53 @@ def test_msgpack_odd_values_are_per_url_rejections():
     assert outcomes(request.urls) == ["h/ok", *[not_a_string] * 4, ("rejected", "missing_url"), *[not_a_string] * 2]
 
 
+# -- strict JSON: NaN, Infinity and duplicate keys are not JSON (RFC 8259) -----------------------------------------
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'{"urls": ["https://h/ok", NaN]}', "NaN is not JSON"),
+        (b'{"urls": ["https://h/ok", Infinity]}', "Infinity is not JSON"),
+        (b'{"urls": ["https://h/ok", -Infinity]}', "-Infinity is not JSON"),
+        (b'{"urls": ["https://h/ok"], "priority": NaN}', "NaN is not JSON"),
+        (b'{"urls": ["https://h/ok", [{"x": [NaN]}]]}', "NaN is not JSON"),
+        (b'{"urls": ["https://h/ok", 1e999]}', "number 1e999 is out of range"),
+        (b'{"urls": ["https://h/ok", -1E+400]}', "number -1E+400 is out of range"),
+        (b'{"urls": ["https://h/ok"], "urls": ["https://h/other"]}', "duplicate key 'urls'"),
+        (b'{"urls": ["https://h/ok"], "priority": "bulk", "priority": "high"}', "duplicate key 'priority'"),
+        (b'{"urls": ["https://h/ok", {"a": 1, "b": 2, "a": 3}]}', "duplicate key 'a'"),
+    ],
+)
+def test_purge_body_json_is_strict(body, detail):
+    for content_type in ("application/json", None):  # None: sniffed as JSON
+        with pytest.raises(DecodeError) as info:
+            decode_purge_body(content_type, body, 10)
+        assert info.value.reason == "bad_json" and info.value.status == 400
+        assert info.value.detail == f"body is not valid JSON: {detail}" + (" (RFC 8259)" if "JSON" in detail else "")
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b'[{"meta": {"uri": "//h/a"}}, {"meta": {"uri": "//h/b", "dt": NaN}}]', "NaN is not JSON (RFC 8259)"),
+        (b'[{"meta": {"uri": "//h/a"}}, {"meta": {"uri": "//h/b"}, "n": Infinity}]', "Infinity is not JSON (RFC 8259)"),
+        (b'[{"meta": {"uri": "//h/a", "uri": "//h/b"}}]', "duplicate key 'uri'"),
+        (b'[{"meta": {"uri": "//h/a"}, "meta": {"uri": "//h/b"}}]', "duplicate key 'meta'"),
+    ],
+)
+def test_resource_change_json_is_strict(body, detail):
+    with pytest.raises(DecodeError) as info:
+        decode_resource_changes(body, 10)
+    assert info.value.reason == "bad_json"
+    assert info.value.detail == f"body is not valid JSON: {detail}"
+
+
+def test_strict_json_still_takes_ordinary_numbers_and_distinct_keys():
+    request = decode_purge_body("application/json", b'{"urls": ["https://h/ok", 1.5, -0.0, 1e308, 7], "priority": "high"}', 10)
+    assert request.urls == ["https://h/ok", 1.5, -0.0, 1e308, 7] and request.priority == "high"
+    assert decode_resource_changes(b'[{"meta": {"uri": "//h/a", "dt": 1.5}, "tags": {"a": 1, "b": 2}}]', 10) == ["//h/a"]
+
+
 # -- property: any JSON-ish or msgpack-ish value -------------------------------------------------------------------
 
 # Hypothesis seldom draws a surrogate by itself, and st.text() drops them from a union: name a few, join lists.

@@ -8,6 +8,7 @@ with an HTTP status hint; a bad URL inside a good body is not an error but a per
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +49,33 @@ def _bad(reason: str, detail: str, status: int = 400) -> DecodeError:
     return DecodeError(detail, reason=reason, status=status)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:80]!r}")
+            seen.add(key)
+    return obj
+
+
 def _load_json(body: bytes) -> Any:
+    """Strict JSON: no NaN/Infinity (Python's json accepts them), no number that overflows to infinity, no
+    object with a key twice (which value wins differs between parsers: a proxy may have checked the other one)."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _bad("bad_json", f"body is not valid JSON: {exc}") from None
 
