@@ -20,19 +20,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report(path: str, exc: ConfigError) -> None:
+    for line in exc.errors:
+        print(f"{path}: {line}" if not line.startswith(path) else line, file=sys.stderr)
+    if len(exc.errors) > 1:
+        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+
+
+def _check_files(config) -> int | None:
+    """The files the config names that purged reads at start: tokens.yaml (its token count) and the TLS
+    certificate and key. A problem is a :class:`ConfigError`."""
+    errors: list[str] = []
+    count = None
+    if config.auth.tokens_file:
+        from .tokens import load_tokens
+
+        try:
+            count = len(load_tokens(config.auth.tokens_file))
+        except ConfigError as exc:
+            errors += [f"auth.tokens_file: {line}" for line in exc.errors]
+    if config.listen.https is not None:
+        import ssl
+
+        https = config.listen.https
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(https.cert, https.key)
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(f"listen.https: cannot load the certificate {https.cert} and key {https.key}: {exc}")
+    if errors:
+        raise ConfigError(errors)
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = args.check_config or args.config
     try:
         config = load_config(path)
+        tokens = _check_files(config)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"{path}: {line}" if not line.startswith(path) else line, file=sys.stderr)
-        print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+        _report(path, exc)
         return 2
     if args.check_config:
         nodes = sum(len(t.nodes) for dc in config.datacenters for t in dc.tiers)
-        print(f"{path}: OK ({len(config.datacenters)} data centres, {nodes} nodes)")
+        auth = f", {tokens} tokens" if tokens is not None else ""
+        print(f"{path}: OK ({len(config.datacenters)} data centres, {nodes} nodes{auth})")
         return 0
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -48,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(partial(serve, config, config_path=path))
+    except ConfigError as exc:  # the tokens file or the certificate changed between the check and the start
+        _report(path, exc)
+        return 2
     except JournalSetupError as exc:
         logging.getLogger("purged").critical("%s", exc)
         return 1

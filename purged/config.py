@@ -50,9 +50,28 @@ class MulticastListen:
 
 
 @dataclass(frozen=True)
+class HTTPSListen:
+    address: Address
+    cert: str  # PEM certificate chain; cert and key are re-read on SIGHUP
+    key: str
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
 class Listen:
     http: Address | None = Address("127.0.0.1", 8090)
     multicast: tuple[MulticastListen, ...] = ()
+    https: HTTPSListen | None = None
+    http_allow: tuple[Network, ...] = ()  # API clients (both listeners, every path) outside these get 403; (): all
+
+
+@dataclass(frozen=True)
+class Auth:
+    tokens_file: str | None = None  # tokens.yaml; with it every API request needs a Bearer token
+    allow_anonymous: bool = False  # without tokens_file, allow listening beyond loopback anyway
+    protect_metrics: bool = False  # /metrics and /healthz need a token with scope read
 
 
 @dataclass(frozen=True)
@@ -62,11 +81,17 @@ class Limits:
     max_url_length: int = 8192
     max_wait: float = 60.0  # longest ?wait= a status request may hold the connection
     recent_batches: int = 100_000  # batch ids whose status stays queryable
-    max_pending: int = 0  # unique pending URLs; past it: HTTP 429, multicast drops. 0: no ceiling
+    max_pending: int = 2_000_000  # unique pending URLs; past it: HTTP 429, multicast drops. 0: no ceiling
     max_lag: int = 0  # a node owing more purges is declared out of sync (its backlog dropped). 0: off
     max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it. 0: off
-    client_rate: float = 0.0  # purges/s accepted per HTTP client address; 0: unlimited
-    client_burst: float = 0.0
+    # Safe defaults for a 2-core, 24 GB machine (docs/config.md): a client address gets 10k URLs/s (a 100k-URL
+    # batch passes when its bucket is full); 2M unique URLs or 256 MiB of URL bytes pending (~0.5 GB RSS).
+    max_pending_bytes: int = 256 * 1024 * 1024  # sum of the pending targets' lengths; 0: no ceiling
+    client_rate: float = 10_000.0  # purges/s accepted per HTTP client address; 0: unlimited
+    client_burst: float = 100_000.0
+    header_timeout: float = 10.0  # the request head must arrive within this (a new connection: from accept)
+    body_timeout: float = 30.0  # the body must arrive (and the response be taken) within this
+    max_connections: int = 10_000  # open API connections; past it 503 (a small reserve answers /healthz)
     max_request_bytes: int = 16384  # a URL whose PURGE request would be larger is rejected (Varnish: 32 KB)
     max_waiters: int = 1000  # open ?wait= long-polls; past it a status answers at once
 
@@ -127,6 +152,7 @@ DURABILITY = ("fsync", "batch", "none")
 class Config:
     datacenters: tuple[Datacenter, ...]
     listen: Listen = field(default_factory=Listen)
+    auth: Auth = field(default_factory=Auth)
     limits: Limits = field(default_factory=Limits)
     sender: Sender = field(default_factory=Sender)
     dedup: Dedup = field(default_factory=Dedup)
@@ -196,24 +222,53 @@ def _parse_multicast(value: Any, path: str, errs: Errors) -> MulticastListen | N
         else:
             kw["format"] = m["format"]
     if "sources" in m:
-        items = list_of(m["sources"], join(path, "sources"), errs) or []
-        nets = []
-        for i, item in enumerate(items):
-            try:
-                nets.append(ipaddress.ip_network(item, strict=False))
-            except (ValueError, TypeError):
-                errs.add(f"{path}.sources[{i}]", f"expected a network like 10.0.0.0/8, got {show(item)}")
-        kw["sources"] = tuple(nets)
+        kw["sources"] = _networks(m["sources"], join(path, "sources"), errs)
     return MulticastListen(**kw) if len(errs.items) == before else None
 
 
+def _parse_https(value: Any, path: str, errs: Errors) -> HTTPSListen | None:
+    m = mapping(value, path, errs, {"address", "cert", "key"})
+    if m is None:
+        return None
+    for key in ("address", "cert", "key"):
+        if key not in m:
+            errs.add(join(path, key), "required")
+    address = _address(m["address"], join(path, "address"), errs, listen=True) if "address" in m else None
+    files = {k: _path_string(m[k], join(path, k), errs) for k in ("cert", "key") if k in m}
+    if address is None or files.get("cert") is None or files.get("key") is None:
+        return None
+    return HTTPSListen(address, files["cert"], files["key"])
+
+
+def _path_string(value: Any, path: str, errs: Errors) -> str | None:
+    text = string(value, path, errs)
+    if text is not None and "\0" in text:
+        errs.add(path, "contains a NUL byte")
+        return None
+    return text
+
+
+def _networks(value: Any, path: str, errs: Errors) -> tuple[Network, ...]:
+    nets = []
+    for i, item in enumerate(list_of(value, path, errs) or []):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except (ValueError, TypeError):
+            errs.add(f"{path}[{i}]", f"expected a network like 10.0.0.0/8, got {show(item)}")
+    return tuple(nets)
+
+
 def _parse_listen(value: Any, path: str, errs: Errors) -> Listen | None:
-    m = mapping(value, path, errs, {"http", "multicast"})
+    m = mapping(value, path, errs, {"http", "multicast", "https", "http_allow"})
     if m is None:
         return None
     kw: dict[str, Any] = {}
     if "http" in m:
         kw["http"] = None if m["http"] is None else _address(m["http"], join(path, "http"), errs, listen=True)
+    if "https" in m and m["https"] is not None:
+        kw["https"] = _parse_https(m["https"], join(path, "https"), errs)
+    if "http_allow" in m:
+        kw["http_allow"] = _networks(m["http_allow"], join(path, "http_allow"), errs)
     if "multicast" in m:
         items = list_of(m["multicast"], join(path, "multicast"), errs) or []
         kw["multicast"] = tuple(
@@ -236,9 +291,52 @@ def _parse_limits(value: Any, path: str, errs: Errors) -> Limits | None:
         "client_burst": positive(),
         "max_request_bytes": positive(minimum=256, integer=True),
         "max_waiters": positive(integer=True),
+        "max_pending_bytes": positive(integer=True),
+        "header_timeout": positive(minimum=0.01),
+        "body_timeout": positive(minimum=0.01),
+        "max_connections": positive(minimum=1, integer=True),
     }
     m = mapping(value, path, errs, set(spec))
     return None if m is None else Limits(**fields(m, path, errs, spec))
+
+
+def _boolean(value: Any, path: str, errs: Errors) -> bool | None:
+    if not isinstance(value, bool):
+        errs.add(path, f"expected true or false, got {show(value)}")
+        return None
+    return value
+
+
+def _parse_auth(value: Any, path: str, errs: Errors) -> Auth | None:
+    spec = {"allow_anonymous": _boolean, "protect_metrics": _boolean}
+    m = mapping(value, path, errs, set(spec) | {"tokens_file"})
+    if m is None:
+        return None
+    kw = fields(m, path, errs, spec)
+    if m.get("tokens_file") is not None:
+        kw["tokens_file"] = _path_string(m["tokens_file"], join(path, "tokens_file"), errs)
+    return Auth(**kw)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``: the only listen addresses that need no token (guarantee 7)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_secure_default(listen: Listen, auth: Auth, errs: Errors) -> None:
+    """Refuse an API beyond loopback without tokens, unless the operator said so (one line naming the fix)."""
+    if auth.tokens_file is not None or auth.allow_anonymous:
+        return
+    for key, address in (("http", listen.http), ("https", listen.https and listen.https.address)):
+        if address is not None and not is_loopback(address.host):
+            errs.add(f"listen.{key}", f"{address} is not loopback and auth.tokens_file is not set: anyone who "
+                     "reaches it could purge; set auth.tokens_file (see docs/operations.md), listen on "
+                     "127.0.0.1, or set auth.allow_anonymous: true")
 
 
 def _parse_dedup(value: Any, path: str, errs: Errors) -> Dedup | None:
@@ -339,7 +437,7 @@ def _parse_durability(value: Any, path: str, errs: Errors) -> str | None:
 _NULL = object()  # a parsed null: fields() drops None (an error), so null state_dir needs a marker
 
 _TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout", "state_dir", "durability",
-             "journal"}
+             "journal", "auth"}
 
 
 def parse_config(data: Any) -> Config:
@@ -378,6 +476,7 @@ def parse_config(data: Any) -> Config:
             errs,
             {
                 "listen": _parse_listen,
+                "auth": _parse_auth,
                 "limits": _parse_limits,
                 "sender": _parse_sender,
                 "dedup": _parse_dedup,
@@ -390,6 +489,8 @@ def parse_config(data: Any) -> Config:
     )
     if kw.get("state_dir") is _NULL:
         kw["state_dir"] = None
+    if "listen" in kw or "auth" in kw:
+        _check_secure_default(kw.get("listen", Listen()), kw.get("auth", Auth()), errs)
     if errs.items:
         raise ConfigError(errs.items)
     return Config(datacenters=tuple(dcs), **kw)
@@ -438,6 +539,11 @@ def _yaml_loader() -> type:
 def load_config(path: str) -> Config:
     """Read a YAML file and parse it. Every problem with the file (unreadable, not UTF-8, not YAML, not a
     mapping, bad values) is a :class:`ConfigError`; nothing else escapes (SIGHUP relies on it)."""
+    return parse_config(read_yaml(path))
+
+
+def read_yaml(path: str) -> Any:
+    """The data of a YAML file (the config, tokens.yaml); any problem with the file is a :class:`ConfigError`."""
     import yaml
 
     try:
@@ -469,4 +575,4 @@ def load_config(path: str) -> Config:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
-    return parse_config(data)
+    return data

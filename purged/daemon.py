@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import logging
+import resource
 import secrets
 import signal
+import ssl
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -17,7 +19,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, is_loopback, load_config
 from .core.admission import Admission, URLRules
 from .core.engine import Engine, Policy
 from .core.reload import reconfigure
@@ -26,10 +28,12 @@ from .core.topology import DatacenterSpec, TierSpec, Topology
 from .metrics import EngineCollector, JournalCollector, MulticastCollector, SenderCollector
 from .net import systemd
 from .net.driver import Driver
-from .net.http_api import API, serve_http
+from .net.http_api import API
+from .net.http_server import TLSContext, serve_http
 from .net.journal import Journal
 from .net.multicast import MulticastStats, serve_multicast
 from .net.sender import NodeSender
+from .tokens import load_tokens
 
 log = logging.getLogger("purged")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd (backlog and rate)
@@ -68,6 +72,7 @@ def admission_limits(config: Config) -> dict:
         "client_rate": lim.client_rate,
         "client_burst": lim.client_burst,
         "max_pending": lim.max_pending,
+        "max_pending_bytes": lim.max_pending_bytes,
         "rules": URLRules(max_length=lim.max_url_length, max_request_bytes=lim.max_request_bytes),
     }
 
@@ -95,7 +100,14 @@ class Service:
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
         self.journal: Journal | None = None
-        self.api = API(self.driver, cfg.limits, health=self.health, metrics=self.render_metrics)
+        # A bad tokens file or certificate at start is a ConfigError (exit 2); on SIGHUP the old ones stay.
+        tokens = load_tokens(cfg.auth.tokens_file) if cfg.auth.tokens_file else None
+        self.tls: TLSContext | None = None
+        if cfg.listen.https is not None:
+            self.tls = _tls_context(cfg.listen.https)
+        self.https_port: int | None = None
+        self.api = API(self.driver, cfg.limits, health=self.health, metrics=self.render_metrics, tokens=tokens,
+                       allow=cfg.listen.http_allow, protect_metrics=cfg.auth.protect_metrics)
         self.nursery: trio.Nursery | None = None  # where senders run (set by serve)
         self._sender_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.reloads = {"ok": 0, "error": 0}
@@ -174,6 +186,8 @@ class Service:
                     if str(address) not in self.senders:
                         await self.start_sender(address)
         self.api.limits = new.limits
+        self.api.protect_metrics = new.auth.protect_metrics
+        self.reload_credentials(new)
         for name, count in report.removed.items():
             dc, tier = report.removed_place[name]
             self.removed_drops[(dc, tier, name)] = self.removed_drops.get((dc, tier, name), 0) + count
@@ -183,6 +197,39 @@ class Service:
             sum(report.removed.values()), ", ".join(report.moved) or "none",
         )
         self.driver.poke()
+
+    def reload_credentials(self, new: Config) -> None:
+        """SIGHUP: re-read tokens.yaml and the TLS certificate and key. A bad file is logged and the old
+        tokens (or context) kept; the API never falls open because a file broke."""
+        path = new.auth.tokens_file
+        if path is None and self.api.tokens is not None and not new.auth.allow_anonymous and not all(
+                is_loopback(a.host) for a in _listen_addresses(self.config)):
+            log.error("reload: auth.tokens_file removed, but the running listeners are not all loopback (they "
+                      "change at a restart); keeping the tokens")
+        elif path is None:
+            if self.api.tokens is not None:
+                log.warning("reload: auth.tokens_file removed; the API takes requests without a token")
+            self.api.tokens = None
+        else:
+            try:
+                table = load_tokens(path)
+            except ConfigError as exc:
+                for line in exc.errors:
+                    log.error("reload: %s", line)
+                log.error("reload: %s has %d error(s); keeping the %d tokens loaded before", path,
+                          len(exc.errors), len(self.api.tokens or ()))
+            else:
+                self.api.tokens = table
+                self.admission.forget_tokens({t.name for t in table.tokens})
+                log.info("reload: %d tokens from %s", len(table), path)
+        if self.tls is not None:
+            try:
+                self.tls.load()
+            except (OSError, ssl.SSLError) as exc:
+                log.error("reload: TLS certificate %s / key %s: %s; new connections keep the old ones",
+                          self.tls.cert, self.tls.key, exc)
+            else:
+                log.info("reload: TLS certificate %s re-read", self.tls.cert)
 
     async def serve_status(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Every few seconds, one STATUS= line to systemd: what is owed and the PURGE rate."""
@@ -213,6 +260,36 @@ class Service:
         return encoder(self.registry), content_type
 
 
+def _listen_addresses(config: Config) -> list:
+    listen = config.listen
+    return [a for a in (listen.http, listen.https and listen.https.address) if a is not None]
+
+
+def _tls_context(https) -> TLSContext:
+    try:
+        return TLSContext(https.cert, https.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"listen.https: cannot load the certificate {https.cert} and key {https.key}: "
+                           f"{exc}"]) from None
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Raise the soft descriptor limit towards the hard one, so that ``limits.max_connections`` (plus the
+    nodes' connections and the journal) is reached before EMFILE; warn when the hard limit is too low."""
+    want = config.limits.max_connections + 1024
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open files limit %d is below limits.max_connections + 1024 (%d): raise LimitNOFILE",
+                    soft, want)
+
+
 async def serve(
     config: Config,
     *,
@@ -224,6 +301,7 @@ async def serve(
     ``config_path`` is re-read on SIGHUP. With ``state_dir`` set the journal is replayed before anything else
     starts, so READY=1 (and the first listener) come after the replay.
     """
+    _raise_fd_limit(config)
     service = Service(config)
     if config.state_dir is not None:
         service.open_journal()
@@ -257,9 +335,16 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                 listeners = await nursery.start(partial(serve_http, service.api, config.listen.http.host,
                                                         config.listen.http.port))
                 service.http_port = listeners[0].socket.getsockname()[1]
+            if config.listen.https is not None:
+                address = config.listen.https.address
+                listeners = await nursery.start(partial(serve_http, service.api, address.host, address.port,
+                                                        tls=service.tls))
+                service.https_port = listeners[0].socket.getsockname()[1]
             log.info(
-                "purged ready: http %s, %d nodes in %d data centres, journal %s",
+                "purged ready: http %s, https %s, auth %s, %d nodes in %d data centres, journal %s",
                 f"{config.listen.http.host}:{service.http_port}" if config.listen.http else "off",
+                f"{config.listen.https.address.host}:{service.https_port}" if config.listen.https else "off",
+                f"{len(service.api.tokens)} tokens" if service.api.tokens is not None else "off (anonymous)",
                 len(service.senders),
                 len(config.datacenters),
                 f"{config.state_dir} ({config.durability})" if config.state_dir else "off",

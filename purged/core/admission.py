@@ -2,8 +2,9 @@
 
 HTTP batches, operators' PURGEs and multicast datagrams all go through :meth:`Admission.admit`, which applies
 each rule once, in this order: the URLs (one validation function, including the size of the PURGE request each
-becomes), the journal's state, the memory ceiling (``max_pending``), then the token buckets (per source, such as
-a multicast group, and per client address). It answers with the accepted receipt and the per-URL rejections, or
+becomes), the journal's state, the memory ceilings (``max_pending`` unique URLs, ``max_pending_bytes`` of URL bytes held in
+the log), then the token buckets (per source, such as a multicast group; per API token, with a bucket of its
+own for the high lane; and per client address). It answers with the accepted receipt and the per-URL rejections, or
 raises :class:`Refused` with a reason, a status hint and when to retry; every refused or rejected purge is
 counted on the engine by source and reason. Sans-IO: ``now`` is an argument.
 """
@@ -15,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .auth import Token
 from .engine import Engine, Receipt
 from .errors import InvalidURL, PurgedError
 from .http1 import PURGE_OVERHEAD
@@ -85,21 +87,29 @@ class Admitted:
 
 class Admission:
     def __init__(self, engine: Engine, *, client_rate: float = 0.0, client_burst: float = 0.0,
-                 max_pending: int = 0, rules: URLRules = URLRules()):
+                 max_pending: int = 0, max_pending_bytes: int = 0, rules: URLRules = URLRules()):
         self.engine = engine
         self.rules, self._bare_rules = rules, replace(rules, allow_bare_host=True)
         self.client_rate, self.client_burst = client_rate, client_burst
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._sources: dict[str, TokenBucket] = {}
         self._clients: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._tokens: dict[tuple[str, str], TokenBucket] = {}  # (token name, "all" | "high") -> its bucket
 
-    def configure(self, *, client_rate: float, client_burst: float, max_pending: int, rules: URLRules) -> None:
+    def configure(self, *, client_rate: float, client_burst: float, max_pending: int, rules: URLRules,
+                  max_pending_bytes: int = 0) -> None:
         """New limits (a reload); the buckets of clients start afresh when their rate changed."""
         if (client_rate, client_burst) != (self.client_rate, self.client_burst):
             self._clients.clear()
         self.client_rate, self.client_burst = client_rate, client_burst
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.rules, self._bare_rules = rules, replace(rules, allow_bare_host=True)
+
+    def pending_bytes(self) -> int:
+        """URL bytes held in the logs (every lane), the measure ``max_pending_bytes`` caps."""
+        return sum(lane.log.bytes for lane in self.engine.lanes)
 
     def limit_source(self, source: str, rate: float, burst: float, now: float) -> None:
         """Give ``source`` (a multicast group) a token bucket of its own; ``rate <= 0`` removes it."""
@@ -118,10 +128,12 @@ class Admission:
         priority: str = "bulk",
         journal_error: str | None = None,
         bare_host: bool = False,
+        token: Token | None = None,
     ) -> Admitted:
         """Validate ``urls`` and submit the valid ones as one batch, or raise :class:`Refused` (nothing
         accepted). ``journal_error`` is the journal's failure reason while it cannot write; ``bare_host`` reads
-        a URL without a slash as a host (HTCP)."""
+        a URL without a slash as a host (HTCP); ``token`` (the API token that authorised the request) applies
+        its ``rate`` and, for ``priority="high"``, its ``rate_high``."""
         engine = self.engine
         checked = validate_urls(urls, self._bare_rules if bare_host else self.rules)
         for reason, count in checked.reasons().items():
@@ -131,6 +143,9 @@ class Admission:
             return Admitted(None, checked.rejected)
         try:
             self._check(count, source, client, now, journal_error)
+            if token is not None:
+                self._check_token(token, count, priority == "high", now)
+            self._check_client(client, count, now)
         except Refused as exc:
             engine.reject(source, exc.reason, count)
             raise
@@ -149,12 +164,53 @@ class Admission:
                 if pending + count > limit:
                     raise Refused(f"{pending} unique URLs pending, the ceiling is {limit}; retry later",
                                   reason="overload", retry_after=OVERLOAD_RETRY_AFTER)
+        byte_limit = self.max_pending_bytes
+        if byte_limit:
+            held = self.pending_bytes()
+            if held > byte_limit:  # one batch may cross the line (its size is known only once merged)
+                self.engine.trim()
+                held = self.pending_bytes()
+                if held > byte_limit:
+                    raise Refused(f"{held} bytes of URLs pending, the ceiling is {byte_limit} "
+                                  "(limits.max_pending_bytes); retry later", reason="overload",
+                                  retry_after=OVERLOAD_RETRY_AFTER)
         bucket = self._sources.get(source)
         if bucket is not None:
             when = bucket.admit(count, now)
             if when is not None:
                 raise Refused(f"{source} is over its rate of {bucket.rate:g} purges/s", reason="rate_limited",
                               retry_after=when - now)
+
+    def _check_token(self, token: Token, count: int, high: bool, now: float) -> None:
+        """The token's own buckets: ``rate`` over both lanes, ``rate_high`` for the high lane. Both are
+        checked before either is charged, so a refused request costs nothing."""
+        checks = []
+        if token.rate > 0:
+            checks.append((self._token_bucket(token.name, "all", token.rate, now), token.rate, ""))
+        if high and token.rate_high > 0:
+            checks.append((self._token_bucket(token.name, "high", token.rate_high, now), token.rate_high,
+                           " on the high lane"))
+        for bucket, rate, lane in checks:
+            bucket._refill(now)
+            if bucket.tokens < min(count, bucket.burst):
+                when = bucket.when_available(min(count, bucket.burst))
+                raise Refused(f"token {token.name!r} is over its rate of {rate:g} purges/s{lane}",
+                              reason="rate_limited", retry_after=max(1.0, math.ceil(when - now)))
+        for bucket, _, _ in checks:
+            bucket.consume(count, now)
+
+    def _token_bucket(self, name: str, lane: str, rate: float, now: float) -> TokenBucket:
+        bucket = self._tokens.get((name, lane))
+        if bucket is None or bucket.rate != rate:  # new, or the token's rate changed in a reload
+            bucket = self._tokens[(name, lane)] = TokenBucket(rate, rate, now)
+        return bucket
+
+    def forget_tokens(self, names: set[str]) -> None:
+        """Drop the buckets of tokens no longer configured (tokens.yaml reloaded)."""
+        for key in [k for k in self._tokens if k[0] not in names]:
+            del self._tokens[key]
+
+    def _check_client(self, client: str | None, count: int, now: float) -> None:
         if client is not None and self.client_rate > 0:
             bucket = self._client_bucket(client, now)
             when = bucket.admit(count, now)

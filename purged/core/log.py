@@ -25,6 +25,7 @@ class PurgeLog:
         self.head = 0  # next seq to assign
         self.read_mark = 0  # no node has read any entry at or above this seq
         self.index: dict[str, int] = {}  # target -> latest seq
+        self.bytes = 0  # sum of the held entries' target lengths (admission's ``max_pending_bytes``)
 
     def __len__(self) -> int:
         return self.head - self.base
@@ -41,6 +42,7 @@ class PurgeLog:
             return latest, True
         seq = self.head
         self._entries.append(Entry(target, now, dc_mask))
+        self.bytes += len(target)
         self.index[target] = seq
         self.head += 1
         return seq, False
@@ -59,8 +61,10 @@ class PurgeLog:
             i = self._offset
             entry = entries[i]
             entries[i] = None
-            if entry is not None and index.get(entry.target) == self.base:
-                del index[entry.target]
+            if entry is not None:
+                self.bytes -= len(entry.target)
+                if index.get(entry.target) == self.base:
+                    del index[entry.target]
             self._offset += 1
             self.base += 1
             dropped += 1
@@ -93,4 +97,5 @@ class PurgeLog:
         self.head = base + len(entries)
         self.read_mark = max(base, min(read_mark, self.head))
         self.index = {entry.target: base + i for i, entry in enumerate(entries)}
+        self.bytes = sum(len(entry.target) for entry in entries)
 

@@ -1,27 +1,32 @@
-"""Trio adapter: the HTTP API, served with h11 on trio streams.
+"""Trio adapter: the HTTP API's routes, scopes and audit log (connections are :mod:`purged.net.http_server`).
 
 Routes: ``POST /v1/purge``, ``GET /v1/purge/{id}[?wait=S]``, ``POST /sys/purge/`` (change-propagation),
 ``PURGE /path`` with a Host header (operators' curl), ``GET /metrics``, ``GET /healthz``. Every error is JSON
 ``{"error": reason, "detail": ...}`` with its status. Body decoding and URL validation live in the core
-(:mod:`purged.core.ingest`); this module only moves bytes and maps errors to statuses.
+(:mod:`purged.core.ingest`), tokens and scopes in :mod:`purged.core.auth`; this module maps requests to them.
+
+With tokens (``auth.tokens_file``) the scope a route needs is checked from the request head, before its body
+is read (:meth:`API.check_head`); ``"priority": "high"`` in a body also needs ``purge:high``. Each accepted batch
+is one ``purged.audit`` log line (rate-limited per token or client; never the token itself).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qs, urlsplit
 
-import h11
 import trio
 
 from ..core.admission import Admitted, Refused
+from ..core.auth import Token, TokenTable, authorize, require
 from ..core.errors import InvalidURL, PurgedError
 from ..core.ingest import decode_purge_body, decode_resource_changes
+from ..core.limits import TokenBucket
 from ..core.urls import validate_host
 
 if TYPE_CHECKING:
@@ -29,18 +34,18 @@ if TYPE_CHECKING:
     from ..core.batches import BatchStatus
 
 log = logging.getLogger("purged.http")
+audit_log = logging.getLogger("purged.audit")
 
-IDLE_TIMEOUT = 75.0  # keep-alive connections idle longer than this are closed
-READ_TIMEOUT = 30.0  # a request (headers and body) must arrive within this
-MAX_HEADER_BYTES = 64 * 1024
-STOP_GRACE = 10.0  # on stop, requests already being read or handled get this long to be answered
+OPEN_PATHS = ("/healthz", "/metrics")  # open without a token unless auth.protect_metrics; the connection reserve
+AUDIT_RATE, AUDIT_BURST = 1.0, 10.0  # audit lines per second per token (or client), saved up to the burst
+MAX_AUDIT_KEYS = 1000
 
 
 class Purges(Protocol):
     """What the API needs of the engine (``purged.net.driver.Driver`` provides it)."""
 
     async def accept(self, urls: list[Any], source: str, *, client: str | None = None,
-                     priority: str = "bulk") -> Admitted: ...
+                     priority: str = "bulk", token: Token | None = None) -> Admitted: ...
     def batch_status(self, batch_id: str) -> BatchStatus | None: ...
     async def wait_batch(self, batch_id: str, timeout: float) -> BatchStatus | None: ...
 
@@ -62,6 +67,12 @@ class Request:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ","
     body: bytes
     peer: str
+    token: Token | None = None  # the token that authorised it (None: the API has no tokens)
+    client: str = field(default="")  # the peer's address without the port
+
+    def __post_init__(self) -> None:
+        if not self.client:
+            self.client = self.peer.rpartition(":")[0] or self.peer
 
 
 @dataclass
@@ -96,13 +107,46 @@ class API:
     """Routes requests to the purges port, the health and the metrics. Holds no purge state."""
 
     def __init__(self, purges: Purges, limits: Limits, *, health: Callable[[], dict],
-                 metrics: Callable[[str], tuple[bytes, str]]):
+                 metrics: Callable[[str], tuple[bytes, str]], tokens: TokenTable | None = None,
+                 allow: tuple = (), protect_metrics: bool = False):
         self.purges = purges
         self.limits = limits
         self.health = health
         self.metrics = metrics
+        self.tokens = tokens  # None: no auth.tokens_file (loopback or allow_anonymous); replaced on SIGHUP
+        self.allow = allow  # listen.http_allow networks; (): every address
+        self.protect_metrics = protect_metrics
         self.stopping = trio.Event()  # set on SIGTERM: answer what is in progress, take nothing new
         self.active = 0  # requests whose head has arrived and whose answer is not sent yet
+        self.connections = 0  # open connections over every listener (limits.max_connections)
+        self.audit = Audit()
+
+    def allowed(self, host: str) -> bool:
+        """Is a client at ``host`` inside ``listen.http_allow``?"""
+        if not self.allow:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener: ::ffff:10.1.2.3
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow)
+
+    def check_head(self, req: Request, *, over_capacity: bool = False) -> None:
+        """What the head alone decides, before any body is read: the address allow-list (403), the connection
+        cap (503 but for /healthz and /metrics), then the token and the scope the route needs (401/403)."""
+        if not self.allowed(req.client):
+            raise HTTPError(403, "forbidden_address", f"{req.client} is not in listen.http_allow")
+        if over_capacity and req.path not in OPEN_PATHS:
+            raise HTTPError(503, "too_many_connections",
+                            f"over limits.max_connections ({self.limits.max_connections}); retry later",
+                            [("Retry-After", "1")])
+        if self.tokens is None:
+            return
+        scopes = _route_scopes(req, self.protect_metrics)
+        if scopes is not None:
+            req.token = authorize(self.tokens, req.headers.get("authorization"), *scopes)
 
     async def handle(self, req: Request) -> Response:
         path = req.path
@@ -133,13 +177,19 @@ class API:
             raise HTTPError(405, "method_not_allowed", f"{req.method} {req.path}: use {allow}", [("Allow", allow)])
 
     async def _admit(self, req: Request, urls: list[Any], source: str, priority: str) -> Admitted:
+        if priority == "high":
+            require(req.token, "purge:high")
         try:
             # With a journal, this returns once the batch is as durable as `durability` promises (or raises a
             # 503 JournalError): the 2xx the caller answers is that promise (docs/durability.md).
-            return await self.purges.accept(urls, source, client=req.peer.rpartition(":")[0], priority=priority)
+            admitted = await self.purges.accept(urls, source, client=req.client, priority=priority,
+                                                token=req.token)
         except Refused as exc:
             headers = [] if exc.retry_after is None else [("Retry-After", str(max(1, round(exc.retry_after))))]
             raise HTTPError(exc.status, exc.reason, exc.detail, headers) from None
+        if admitted.receipt is not None:
+            self.audit.accepted(req, admitted.receipt, source, priority, trio.current_time())
+        return admitted
 
     async def _accept(
         self, req: Request, urls: list[Any], source: str, status: int, priority: str = "bulk"
@@ -207,146 +257,45 @@ class API:
         return json_response(200, status_json(status))
 
 
-async def _send(conn: h11.Connection, stream: trio.abc.Stream, resp: Response, head_only: bool) -> None:
-    headers = [
-        ("Content-Type", resp.content_type),
-        ("Content-Length", str(len(resp.body))),
-        ("Server", "purged"),
-    ] + list(resp.headers or [])
-    data = conn.send(h11.Response(status_code=resp.status, headers=headers))
-    if not head_only:
-        data += conn.send(h11.Data(data=resp.body))
-    data += conn.send(h11.EndOfMessage())
-    await stream.send_all(data)
+def _route_scopes(req: Request, protect_metrics: bool) -> tuple[str, ...] | None:
+    """The scopes of which a token needs one for this request; () any known token; None no token at all."""
+    path = req.path
+    if req.method == "PURGE":
+        return ("purge:high",)
+    if path == "/v1/purge" or path in ("/sys/purge/", "/sys/purge"):
+        return ("purge",)
+    if path.startswith("/v1/purge/"):
+        return ("read", "purge", "purge:high")
+    if path in OPEN_PATHS:
+        return ("read",) if protect_metrics else None
+    return ()
 
 
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        # Large reads: a 10k-URL batch is ~0.5 MB, and while senders are busy every read costs a scheduling round.
-        data = await stream.receive_some(1 << 20)
-        conn.receive_data(data)
+class Audit:
+    """One ``purged.audit`` line per accepted batch: id, client address, token name, URL count, priority.
+    A token (or, without one, a client address) gets ``AUDIT_BURST`` lines and then ``AUDIT_RATE`` a second;
+    batches past that are counted and the next line it gets reports them (``suppressed_batches``,
+    ``suppressed_urls``), so a bulk source cannot flood the log and nothing goes unrecorded."""
 
+    def __init__(self) -> None:
+        self._keys: OrderedDict[str, list] = OrderedDict()  # key -> [bucket, suppressed batches, urls]
 
-async def _read_request(
-    conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str, counted: list[bool]
-) -> Request | None:
-    with trio.move_on_after(IDLE_TIMEOUT) as idle:
-        event = await _next_event(conn, stream)
-    if idle.cancelled_caught or isinstance(event, h11.ConnectionClosed):
-        return None
-    assert isinstance(event, h11.Request)
-    api.active += 1  # the caller decrements once it answered: ``counted`` says this request was counted
-    counted[0] = True
-    headers: dict[str, str] = {}
-    for name, value in event.headers:
-        key = name.decode("latin-1")
-        text = value.decode("latin-1")
-        headers[key] = f"{headers[key]},{text}" if key in headers else text
-    method = event.method.decode("ascii")
-    target = event.target.decode("latin-1")
-    split = urlsplit(target)
-    path = split.path if target.startswith("/") else target
-    limit = api.limits.max_body_bytes
-    if method in ("POST", "PUT") and "content-length" not in headers and "transfer-encoding" not in headers:
-        raise HTTPError(411, "length_required", "send a Content-Length (or chunked) body")
-    length = headers.get("content-length", "0")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPError(413, "body_too_large", f"body of {length} bytes, the limit is {limit}")
-    body = bytearray()
-    with trio.fail_after(READ_TIMEOUT):
-        while True:
-            ev = await _next_event(conn, stream)
-            if isinstance(ev, h11.Data):
-                body += ev.data
-                if len(body) > limit:
-                    raise HTTPError(413, "body_too_large", f"body over {limit} bytes")
-            elif isinstance(ev, h11.EndOfMessage):
-                break
-            else:
-                return None
-    return Request(method, target, path, parse_qs(split.query), headers, bytes(body), peer)
+    def accepted(self, req: Request, receipt: Any, source: str, priority: str, now: float) -> None:
+        name = req.token.name if req.token is not None else None
+        key = f"token:{name}" if name is not None else f"client:{req.client}"
+        state = self._keys.pop(key, None) or [TokenBucket(AUDIT_RATE, AUDIT_BURST, now), 0, 0]
+        self._keys[key] = state
+        if len(self._keys) > MAX_AUDIT_KEYS:
+            self._keys.popitem(last=False)
+        bucket = state[0]
+        if bucket.admit(1, now) is not None:
+            state[1] += 1
+            state[2] += receipt.accepted
+            return
+        record = {"event": "batch_accepted", "id": receipt.batch_id, "client": req.client, "token": name,
+                  "source": source, "urls": receipt.accepted, "coalesced": receipt.coalesced, "priority": priority}
+        if state[1]:
+            record |= {"suppressed_batches": state[1], "suppressed_urls": state[2]}
+            state[1] = state[2] = 0
+        audit_log.info("audit %s", json.dumps(record, separators=(",", ":")))
 
-
-async def _serve_connection(stream: trio.SocketStream, api: API) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        peer = f"{host}:{port}"
-    except OSError:
-        peer = "?"
-    try:
-        while not api.stopping.is_set():
-            counted = [False]  # set once the request's head arrived: it is in ``api.active`` until answered
-            try:
-                if not await _exchange(conn, stream, api, peer, counted):
-                    return
-            finally:
-                if counted[0]:
-                    api.active -= 1
-            conn.start_next_cycle()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, OSError):
-        return
-    except Exception:
-        log.exception("unexpected error serving %s", peer)
-    finally:
-        await stream.aclose()
-
-
-async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str, counted: list[bool]) -> bool:
-    """Read one request and answer it; False when the connection must end."""
-    head_only = False
-    try:
-        req = await _read_request(conn, stream, api, peer, counted)
-        if req is None:
-            return False
-        head_only = req.method == "HEAD"
-        resp = await api.handle(req)
-    except PurgedError as exc:
-        resp = error_response(exc)
-    except h11.RemoteProtocolError as exc:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return False
-        resp = error_response(HTTPError(exc.error_status_hint, "bad_request", str(exc)))
-    except trio.TooSlowError:
-        resp = error_response(HTTPError(408, "request_timeout", "request body took too long"))
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return False
-    except Exception:  # a bug: answer it rather than drop the connection, and say where
-        log.exception("unexpected error handling a request from %s", peer)
-        resp = error_response(HTTPError(500, "internal_error", "unexpected error; see the daemon's log"))
-    if resp.status >= 400 and resp.status not in (404, 429):
-        log.info("%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return False
-    if conn.their_state is not h11.DONE or api.stopping.is_set():
-        # Answered before the body was read (the stream is unusable), or the daemon is stopping.
-        resp.headers = list(resp.headers or []) + [("Connection", "close")]
-    await _send(conn, stream, resp, head_only)
-    return conn.our_state is not h11.MUST_CLOSE and conn.their_state is h11.DONE
-
-
-async def serve_http(
-    api: API, host: str, port: int, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve the API until cancelled or ``api.stopping`` is set; ``task_status.started(listeners)`` once bound.
-
-    On stop the listeners close at once, requests in progress get up to ``STOP_GRACE`` seconds to be answered
-    (with ``Connection: close``), and idle keep-alive connections are closed: no request that reached us is
-    cut off mid-way.
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    async with trio.open_nursery() as handlers:
-        async with trio.open_nursery() as acceptor:
-            acceptor.start_soon(
-                partial(trio.serve_listeners, lambda s: _serve_connection(s, api), listeners, handler_nursery=handlers)
-            )
-            task_status.started(listeners)
-            await api.stopping.wait()
-            acceptor.cancel_scope.cancel()
-        with trio.move_on_after(STOP_GRACE):
-            while api.active:
-                await trio.sleep(0.01)
-        handlers.cancel_scope.cancel()
