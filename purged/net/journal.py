@@ -1,23 +1,18 @@
-"""Trio adapter: the purge journal, the engine's logs on disk as segment files in ``state_dir``.
+"""Trio/file adapter layer: the purge journal's running writer, the engine's logs as segment files on disk.
 
-One writer task appends what the engine reports (``take_appended``) and, every ``checkpoint_interval``, the
-nodes' positions; group commit: every request that arrived while a write was in progress shares the next
-write and ``fsync``. :meth:`Journal.commit` is what the HTTP API awaits before answering, and what it waits for
-depends on ``durability``: ``fsync`` (the data is on disk), ``batch`` (written to the OS; fsync every
-``sync_interval``) or ``none`` (nothing). File I/O runs in worker threads (``trio.to_thread``).
-
-Start (:meth:`Journal.open`, before any listener): replay every segment, truncate a torn or corrupt tail
-(counted, logged, never fatal), restore the engine's lanes, start a new segment with a checkpoint. Segments
-whose entries are all below every node's checkpointed position are deleted. A write error (disk full...) makes
-:meth:`check` refuse new batches with a 503 until a retry succeeds; what the engine holds is still delivered.
-The format itself is :mod:`purged.core.journal_format`.
+One writer task (:meth:`Journal.serve`) appends what the engine reports (``take_appended``) and, every
+``checkpoint_interval``, the nodes' positions; it starts a new segment past ``segment_bytes`` and deletes the
+segments whose entries every node has. Group commit: every request that arrived while a write was in progress
+shares the next write and ``fsync``. :meth:`Journal.commit` is what the HTTP API awaits before answering; what it
+waits for depends on ``durability``: ``fsync`` (on disk), ``batch`` (written to the OS; fsync every
+``sync_interval``) or ``none`` (nothing). File I/O runs in worker threads. A write error (disk full...) makes
+:meth:`Journal.check` refuse new batches with a 503 until a retry succeeds; what the engine holds is still
+delivered. Start-up (:meth:`Journal.open`: lock, replay, snapshot) is :mod:`purged.net.journal_replay`.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import gc
 import logging
 import os
 import time
@@ -28,21 +23,14 @@ import trio
 
 from ..core.engine import Engine
 from ..core.errors import PurgedError
-from ..core.journal_format import (
-    MAGIC,
-    Replay,
-    decode,
-    encode_appended,
-    encode_checkpoint,
-    encode_entries,
-    encode_reset,
-)
+from ..core.journal_format import MAGIC, encode_appended, encode_checkpoint
+from .journal_replay import SUFFIX, JournalSetupError, open_journal
+
+__all__ = ["Journal", "JournalError", "JournalSetupError", "JournalStats"]
 
 log = logging.getLogger("purged.journal")
 
-SUFFIX = ".seg"
 RETRY_AFTER = 1.0  # seconds between attempts to write again after an error
-SNAPSHOT_CHUNK = 10_000  # entries per record in a rewritten snapshot
 
 
 class JournalError(PurgedError):
@@ -51,12 +39,6 @@ class JournalError(PurgedError):
     reason = "journal_error"
     status = 503
     headers = [("Retry-After", "5")]
-
-
-class JournalSetupError(PurgedError):
-    """The state directory cannot be used at all (not writable, locked by another purged)."""
-
-    reason = "journal_setup"
 
 
 @dataclass
@@ -74,10 +56,6 @@ class JournalStats:
     lost: int = 0  # entries some node needed that a corrupt segment no longer held
     replay_seconds: float = 0.0
     segments_deleted: int = 0
-
-
-def _error_reason(exc: OSError) -> str:
-    return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "journal_error"
 
 
 class Journal:
@@ -110,7 +88,6 @@ class Journal:
         self._pending_top: dict[int, int] = {}
         self._pending_entries = 0
         self._written_head: list[int] = []  # per lane: one past the highest seq written
-        self._obsolete: set[int] = set()  # segments before a snapshot's reset
         self._unsynced = False
         self._roll_needed = False
         self._last_positions: list[dict[str, int]] | None = None
@@ -125,139 +102,14 @@ class Journal:
         self._lock = trio.Lock()
         self._closed = False
 
-    # -- start ----------------------------------------------------------------------------------------------
-
     def open(self, engine: Engine) -> None:
         """Lock the directory, replay it into ``engine`` (before any submit) and start a new segment."""
-        t0 = time.perf_counter()
-        self._engine = engine
-        self._wall_offset = time.time() - trio.current_time()
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JournalSetupError(f"{self.dir} is in use by another purged process") from None
-        except OSError as exc:
-            raise JournalSetupError(f"cannot use state_dir {self.dir}: {exc.strerror or exc}") from None
-        for leftover in self.dir.glob("*.tmp"):  # an unfinished snapshot; the segments it replaced still exist
-            leftover.unlink()
-        numbers = sorted(int(p.stem) for p in self.dir.glob("*" + SUFFIX) if p.stem.isdigit())
-        # Replay allocates millions of acyclic objects; the cyclic GC would scan them again and again (about
-        # half of a 1M-entry replay). Nothing here makes cycles, so it waits until the engine is rebuilt.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            plans = self._replay(numbers, engine)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-        self._written_head = engine.heads()
-        self.stats.replayed = sum(len(p.items) for p in plans)
-        self.stats.lost = sum(p.lost for p in plans)
-        self._active = (numbers[-1] if numbers else 0) + 1
-        for number in self._obsolete:
-            self._segments.pop(number, None)
-            self._unlink(number)
-        if any(p.renumbered for p in plans):
-            log.error("journal: %d entries missing (corrupt segment); rewriting the journal as a snapshot",
-                      self.stats.lost)
-            try:
-                self._write_snapshot(engine)
-            except OSError as exc:  # the old segments still hold the old numbering: cannot go on safely
-                raise JournalSetupError(f"cannot rewrite the journal in {self.dir}: {exc.strerror or exc}") from None
-        else:
-            try:
-                self._create_segment(self._active)
-                heads = engine.heads()
-                self._write_blocking(encode_checkpoint(time.time(), engine.positions(), heads), sync=True)
-            except OSError as exc:  # e.g. a full disk: start anyway, deliver what was replayed, answer 503
-                self._failed(exc, trio.current_time())
-                self._roll_needed = True
-        self._last_positions = engine.positions()
-        self._delete_below(self._last_positions)
-        self.stats.replay_seconds = time.perf_counter() - t0
-        log.info(
-            "journal: replayed %d pending purges from %d segments in %.2fs (durability %s)",
-            self.stats.replayed, len(numbers), self.stats.replay_seconds, self.durability,
-        )
+        open_journal(self, engine)
 
-    def _replay(self, numbers: list[int], engine: Engine) -> list:
-        replay = Replay(lanes=len(engine.lanes))
-        for number in numbers:
-            self._replay_segment(number, replay)
-        self._obsolete = replay.obsolete
-        plans = replay.plan(list(engine.nodes), -self._wall_offset)
-        if replay.checkpoint is not None:
-            gone = sorted({n for lane in replay.checkpoint.positions for n in lane} - set(engine.nodes))
-            if gone:
-                log.warning("journal: nodes no longer configured, their backlogs dropped: %s", ", ".join(gone))
-        for li, plan in enumerate(plans):
-            engine.restore(li, plan.base, plan.items, plan.positions)
-        engine.record_appends()
-        return plans
+    # -- blocking file operations (called in worker threads once running) ----------------------------------
 
     def _path(self, number: int) -> Path:
         return self.dir / f"{number:016d}{SUFFIX}"
-
-    def _replay_segment(self, number: int, replay: Replay) -> None:
-        path = self._path(number)
-        data = path.read_bytes()
-        records, good, error = decode(data)
-        replay.segment_top.setdefault(number, {})
-        for record in records:
-            replay.add(number, record)
-        self._segments[number] = replay.segment_top[number]
-        if error is None:
-            return
-        self.stats.truncated[error] = self.stats.truncated.get(error, 0) + 1
-        self.stats.truncated_bytes += len(data) - good
-        if good == 0 and error == "bad_magic":
-            path.rename(path.with_name(path.name + ".corrupt"))
-            self._segments.pop(number)
-            log.error("journal: %s is not a journal segment (bad header); renamed to *.corrupt", path.name)
-            return
-        log.warning("journal: %s: %s at byte %d; truncating %d bytes after it", path.name, error, good,
-                    len(data) - good)
-        if good == 0:  # not even a whole header: nothing in it
-            path.unlink()
-            self._segments.pop(number)
-        else:
-            os.truncate(path, good)
-
-    def _write_snapshot(self, engine: Engine) -> None:
-        """Rewrite everything held as one new segment that starts with a reset, then drop the old segments."""
-        number = self._active
-        frames = [MAGIC, encode_reset()]
-        top: dict[int, int] = {}
-        for li in range(len(engine.lanes)):
-            rows = list(engine.held(li))
-            for i in range(0, len(rows), SNAPSHOT_CHUNK):
-                chunk = rows[i : i + SNAPSHOT_CHUNK]
-                frames.append(encode_entries(li, chunk[0][0], [e.target for _, e in chunk],
-                                             [e.accepted_at + self._wall_offset for _, e in chunk]))
-            if rows:
-                top[li] = rows[-1][0]
-        frames.append(encode_checkpoint(time.time(), engine.positions(), engine.heads()))
-        tmp = self.dir / f"{number:016d}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            self._write_all(fd, b"".join(frames))
-            os.fsync(fd)
-        except OSError:
-            tmp.unlink()
-            raise
-        finally:
-            os.close(fd)
-        os.rename(tmp, self._path(number))
-        self._sync_dir()
-        for old in list(self._segments):
-            self._unlink(old)
-        self._segments = {number: top}
-        self._fd = os.open(self._path(number), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._size = os.fstat(self._fd).st_size
-
-    # -- blocking file operations (called in worker threads once running) ----------------------------------
 
     @staticmethod
     def _write_all(fd: int, data: bytes) -> None:
@@ -469,7 +321,7 @@ class Journal:
             return
 
     def _failed(self, exc: OSError, now: float) -> None:
-        reason = _error_reason(exc)
+        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "journal_error"
         self.stats.write_errors[reason] = self.stats.write_errors.get(reason, 0) + 1
         if self.error is None or self.error.reason != reason:
             log.error("journal: write to %s failed (%s): refusing new batches with 503 until it works again",
