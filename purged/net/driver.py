@@ -62,6 +62,8 @@ class Driver:
         if events.floors is not None:
             self._release(events.floors)
             self._progress.unpark_all()
+        if events.set_aside and self.journal is not None:
+            self.journal.checkpoint_soon()  # a restart must not bring the block back
         for item in events.set_aside:
             log.warning("%s: set aside %.200s after %d failures that followed it (counted as dropped, "
                         "reason poison)", item.node, item.target, item.failures)

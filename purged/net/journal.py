@@ -201,6 +201,11 @@ class Journal:
         """New entries in the engine: write them soon."""
         self._kick.set()
 
+    def checkpoint_soon(self) -> None:
+        """Positions moved in a way a replay must not undo (a purge set aside): checkpoint at the next write."""
+        self._checkpoint_at = 0.0
+        self._kick.set()
+
     async def commit(self) -> None:
         """Return once everything submitted so far is as durable as ``durability`` promises."""
         if self.durability == "none":
