@@ -93,7 +93,7 @@ class EngineCollector(Collector):
         yield node_family(CounterMetricFamily, "purged_node_resyncs",
                           "Times a node was declared out of sync (max_lag)", lambda n, s: ns_[n].resyncs)
         node_dropped = CounterMetricFamily(
-            "purged_node_dropped", "Purges dropped for a node by a policy (max_lag, max_age, node_removed)",
+            "purged_node_dropped", "Purges dropped for a node by a policy (max_lag, max_age, poison, node_removed)",
             labels=NODE_LABELS + ["reason"],
         )
         for node, ns in stats["node_stats"].items():
