@@ -163,6 +163,14 @@ def test_hostile_file_is_a_config_error(tmp_path, content, expected):
     assert any(expected in e for e in info.value.errors), info.value.errors
 
 
+def test_ipv6_nodes_must_be_ipv6_addresses():
+    errs = errors_of({"datacenters": {"e": {"tiers": [{"nodes": ["[:::::]:80", "[::1]:80", "[fe80::1%25lo]:80"]}]}}})
+    assert errs == [
+        "datacenters.e.tiers[0].nodes[0]: invalid host ':::::': bad IPv6 literal '[:::::]': not an IPv6 address",
+        "datacenters.e.tiers[0].nodes[2]: invalid host 'fe80::1%25lo': IPv6 zone ids are not allowed: '[fe80::1%25lo]'",
+    ]
+
+
 def test_merge_keys_may_override_without_being_duplicates(tmp_path):
     path = tmp_path / "purged.yaml"
     path.write_text(NODES + "sender: {<<: {window: 2, connections: 2}, window: 8}\n")

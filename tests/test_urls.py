@@ -151,3 +151,44 @@ def test_any_string_is_a_target_or_invalid_url(prefix, host, sep, rest, bare):
     assert result == outcome(lambda: _parse_url(url, 8192, bare))
     if isinstance(result, str):
         assert result.isascii() and result.isprintable() and " " not in result  # safe for a request line
+
+
+# -- issue 11: IPv6 literals are checked, not just their characters -----------------------------------------------
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("http://[::1]:8080/x", "[::1]:8080/x"),
+        ("http://[::1]/", "[::1]/"),
+        ("https://[2001:DB8::1]/wiki/X", "[2001:db8::1]/wiki/X"),
+        ("http://[::ffff:192.0.2.1]:80/", "[::ffff:192.0.2.1]:80/"),
+        ("http://[1:2:3:4:5:6:7:8]/", "[1:2:3:4:5:6:7:8]/"),
+        ("//[::]/", "[::]/"),
+    ],
+)
+def test_valid_ipv6_literals(url, target):
+    assert parse_url(url) == target
+
+
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("http://[:::::]/x", "bad IPv6 literal '[:::::]': not an IPv6 address"),
+        ("http://[1:2:3:4:5:6:7:8:9]/", "not an IPv6 address"),
+        ("http://[1::2::3]/", "not an IPv6 address"),
+        ("http://[12345::]/", "not an IPv6 address"),
+        ("http://[::1.2.3.999]/", "not an IPv6 address"),
+        ("http://[:]:80/", "not an IPv6 address"),
+        ("http://[]/", "bad IPv6 literal '[]'"),
+        ("http://[::g]/", "bad IPv6 literal '[::g]'"),
+        ("http://[fe80::1%25eth0]/", "IPv6 zone ids are not allowed"),
+        ("http://[fe80::1%eth0]/", "IPv6 zone ids are not allowed"),
+    ],
+)
+def test_invalid_ipv6_literals_are_bad_host(url, detail):
+    with pytest.raises(InvalidURL) as info:
+        parse_url(url)
+    assert info.value.reason == "bad_host"
+    assert detail in info.value.detail
+    with pytest.raises(InvalidURL):
+        validate_host(url.split("/")[2])

@@ -6,6 +6,7 @@ contains one, so the split is unambiguous); one string per log entry keeps memor
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from .errors import InvalidURL
@@ -54,8 +55,14 @@ def validate_host(host: str) -> str:
             if not rest.startswith(":"):
                 raise _reject("bad_host", "garbage after IPv6 literal")
             port = rest[1:]
+        if "%" in name:  # RFC 6874 zone ids: local to the sender, meaningless in a Host header
+            raise _reject("bad_host", f"IPv6 zone ids are not allowed: {name[:60]!r}")
         if not _IPV6_RE.match(name):
-            raise _reject("bad_host", "bad IPv6 literal")
+            raise _reject("bad_host", f"bad IPv6 literal {name[:60]!r}")
+        try:
+            ipaddress.IPv6Address(name[1:-1])
+        except ValueError:
+            raise _reject("bad_host", f"bad IPv6 literal {name[:60]!r}: not an IPv6 address") from None
     else:
         if ":" in host:
             name, _, port = host.partition(":")
