@@ -318,6 +318,9 @@ def purged_config(nodes: list[str], *, window: int = 64, connections: int = 2, l
         "limits:",
         "  max_urls_per_batch: 100000",
         "  max_wait: 120",
+        "  client_rate: 0  # benchmarks post as fast as they can: no per-client rate, no pending ceilings",
+        "  max_pending: 0",
+        "  max_pending_bytes: 0",
         "shutdown_timeout: 2",
     ]
     return "\n".join(lines) + "\n"

@@ -52,6 +52,8 @@ def config_text(port: int, state_dir: str | None, durability: str) -> str:
         "durability": durability,
         "datacenters": dcs,
         "sender": {"connect_timeout": 1.0, "retry_max": 5.0},
+        # A benchmark of the accept path: none of the safe defaults that would throttle it (issue 12).
+        "limits": {"client_rate": 0, "max_pending": 0, "max_pending_bytes": 0},
         "shutdown_timeout": 1.0,
     })
 

@@ -45,6 +45,8 @@ datacenters:
         nodes: [{slow}]
 limits:
   max_pending: {max_pending}
+  max_pending_bytes: 0
+  client_rate: 0  # the posters share one address: the storm is bounded by max_pending only
   max_urls_per_batch: 10000
 sender: {{window: 128, connections: 2}}
 """
