@@ -231,11 +231,13 @@ def test_check_config_cli_hostile_file(tmp_path):
 
 FULL = {
     "listen": {"http": "127.0.0.1:0", "multicast": [{"group": "239.1.1.1", "port": 4827, "sources": ["10.0.0.0/8"],
-                                                      "rcvbuf": 65536, "rate": 1, "burst": 1, "format": "htcp"}]},
+                                                      "rcvbuf": 65536, "rate": 1, "burst": 1, "format": "htcp"}],
+               "https": {"address": "[::1]:0", "cert": "/c.pem", "key": "/k.pem"}, "http_allow": ["::1/128"]},
+    "auth": {"tokens_file": "/t.yaml", "allow_anonymous": False, "protect_metrics": True},
     "datacenters": {"eqiad": {"hosts": ["*.org"], "rate": 1, "burst": 2,
                               "tiers": [{"name": "b", "nodes": ["[::1]:80"], "delay": 1, "rate": 1, "burst": 1}]}},
-    "limits": {"max_body_bytes": 2048, "max_pending": 10, "max_age": 1.5},
-    "sender": {"window": 2, "timeout": 1},
+    "limits": {"max_body_bytes": 2048, "max_pending": 10, "max_age": 1.5, "header_timeout": 1},
+    "sender": {"window": 2, "timeout": 1, "poison_after": 2},
     "dedup": {"window": 1},
     "shutdown_timeout": 1,
     "state_dir": "/tmp/x",
