@@ -1,21 +1,21 @@
-"""Core layer: decoding purge request bodies into URL lists, and validating a batch of URLs.
+"""Core layer: decoding purge request bodies into URL lists.
 
 Bodies come from the HTTP API: ``POST /v1/purge`` (JSON, msgpack or text/plain) and change-propagation's
 ``POST /sys/purge/`` (a JSON array of resource_change events). Everything here raises :class:`DecodeError`
-with an HTTP status hint; a bad URL inside a good body is not an error but a per-index rejection.
+with an HTTP status hint; the URLs themselves are validated by :mod:`purged.core.admission`, where a bad URL
+inside a good body is not an error but a per-index rejection.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from .errors import DecodeError, InvalidURL
-from .urls import parse_url
+from .errors import DecodeError
 
 JSON_TYPES = ("application/json", "text/json")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -27,18 +27,6 @@ PRIORITIES = ("bulk", "high")
 class PurgeRequest:
     urls: list[Any]
     priority: str = "bulk"
-
-
-@dataclass
-class Validated:
-    targets: list[str] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)  # {"index", "reason", "detail"}
-
-    def reasons(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for r in self.rejected:
-            counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-        return counts
 
 
 def media_type(content_type: str | None) -> str:
@@ -144,14 +132,3 @@ def decode_resource_changes(body: bytes, max_urls: int) -> list[Any]:
         meta = event.get("meta") if isinstance(event, dict) else None
         uris.append(meta.get("uri") if isinstance(meta, dict) else None)
     return uris
-
-
-def validate_urls(urls: list[Any], max_length: int) -> Validated:
-    """Validate each URL; bad ones are rejected by index and never affect the good ones."""
-    out = Validated()
-    for i, url in enumerate(urls):
-        try:
-            out.targets.append(parse_url(url, max_length=max_length))
-        except InvalidURL as exc:
-            out.rejected.append({"index": i, "reason": exc.reason, "detail": exc.detail})
-    return out
