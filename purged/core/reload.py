@@ -74,14 +74,14 @@ def reconfigure(
             node.dedup = DedupWindow(policy.dedup_window) if policy.dedup_window > 0 else None
 
     for lane in engine.lanes:
-        _rebuild_lane(lane, topology, old_dc_names, policy, report, now)
+        _rebuild_lane(lane, topology, old_dc_names, report, now)
 
     engine.set_policy(policy, now)
     return report
 
 
 def _rebuild_lane(
-    lane: Lane, topology: Topology, old_dc_names: list[str], policy: Policy, report: ReloadReport, now: float
+    lane: Lane, topology: Topology, old_dc_names: list[str], report: ReloadReport, now: float
 ) -> None:
     old_gates = {
         (old_dc_names[di], gate.name): gate for di, gates in enumerate(lane.tiers) for gate in gates

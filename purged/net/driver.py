@@ -78,9 +78,6 @@ class Driver:
 
     # -- senders -----------------------------------------------------------------------------------------------
 
-    def has_work(self, name: str) -> bool:
-        return self.engine.has_work(name, trio.current_time())
-
     async def wait(self, name: str) -> None:
         """Park until the engine names ``name`` in a wake-up (after ``take`` returned nothing)."""
         lot = self._lots.get(name)
