@@ -42,8 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PYTHON, ROOT, Varnish, machine_note, stop_process  # noqa: E402
-from sender_bench import run_wrk  # noqa: E402
+from common import PYTHON, ROOT, Varnish, cpu_seconds, machine_note, stop_process  # noqa: E402
+from sender_bench import busy_cpu_seconds, children_cpu_seconds, run_wrk  # noqa: E402
 
 CONFIG = """\
 state_dir: null
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         poster = Poster(d, rate, args.batch, seconds)
         samples: list[tuple[float, int]] = []  # (seconds since start, RSS KiB)
         backlogs: list[int] = []
+        cpu0 = (cpu_seconds(d.proc.pid), sum(v.cpu_seconds() for v in varnishes), busy_cpu_seconds(),
+                children_cpu_seconds(), time.process_time())
         t0 = time.monotonic()
         poster.start()
         next_print = t0 + 60
@@ -263,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         if poster.error is not None:
             raise poster.error
         t_end = time.monotonic()
+        span = t_end - t0
+        purged_cpu = cpu_seconds(d.proc.pid) - cpu0[0]
+        varnish_cpu = sum(v.cpu_seconds() for v in varnishes) - cpu0[1]
+        own = time.process_time() - cpu0[4] + children_cpu_seconds() - cpu0[3]  # this script (the poster)
+        others = max(0.0, busy_cpu_seconds() - cpu0[2] - purged_cpu - varnish_cpu - own)
         delivered_soak = sum(v.n_purges() - b for v, b in zip(varnishes, before, strict=True))
         t_drained = wait_counts(varnishes, [b + poster.accepted for b in before], args.drain_timeout)
         health, metrics_text = d.view()
@@ -282,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{samples[-1][1] / 1024:.1f} MiB; end - after warm-up {(samples[-1][1] - first[1]) / 1024:+.1f} MiB; "
               f"slope after warm-up {slope_mib_per_min(steady):+.2f} MiB/min; peak (VmHWM) "
               f"{rss_kib(d.proc.pid, 'VmHWM') / 1024:.1f} MiB; {len(samples)} samples")
+        print(f"CPU during the soak, in cores: purged {purged_cpu / span:.2f}, Varnish {varnish_cpu / span:.2f}, "
+              f"the poster {own / span:.2f}, everything else on the machine {others / span:.2f} "
+              f"(of {os.cpu_count()}); load average now {os.getloadavg()[0]:.2f}")
         print(f"429 answers: {poster.refused} batches; backlog max {max(backlogs, default=0):,}, at the end of the "
               f"posting {backlogs[-1] if backlogs else 0:,}, after the drain "
               f"{sum(int(n['backlog']) for n in health['nodes'].values()):,}")
