@@ -173,7 +173,7 @@ class Poster(threading.Thread):
             while True:
                 due = t0 + k * period
                 now = time.monotonic()
-                if due - t0 >= self.seconds:
+                if due - t0 >= self.seconds or now - t0 >= self.seconds:  # bounded by count and by time
                     break
                 if due > now:
                     time.sleep(due - now)
