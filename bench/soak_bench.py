@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = args.minutes * 60
         poster = Poster(d, rate, args.batch, seconds)
         samples: list[tuple[float, int]] = []  # (seconds since start, RSS KiB)
-        backlogs: list[int] = []
+        backlogs: list[int] = []  # purged's backlog at each sample
         cpu0 = (cpu_seconds(d.proc.pid), sum(v.cpu_seconds() for v in varnishes), busy_cpu_seconds(),
                 children_cpu_seconds(), time.process_time())
         t0 = time.monotonic()
@@ -289,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{samples[-1][1] / 1024:.1f} MiB; end - after warm-up {(samples[-1][1] - first[1]) / 1024:+.1f} MiB; "
               f"slope after warm-up {slope_mib_per_min(steady):+.2f} MiB/min; peak (VmHWM) "
               f"{rss_kib(d.proc.pid, 'VmHWM') / 1024:.1f} MiB; {len(samples)} samples")
+        # RSS follows the backlog (~250 bytes per pending URL): on a machine shared with other jobs purged may fall
+        # behind for a while. A leak shows in the RSS of the samples where purged was keeping up.
+        idle = [s for s, b in zip(samples, backlogs, strict=True) if b <= rate and s[0] >= 0.1 * seconds]
+        if len(idle) >= 2:
+            print(f"RSS where the backlog was under 1 s of offers ({len(idle)} samples): first {idle[0][1] / 1024:.1f} "
+                  f"MiB (t={idle[0][0]:.0f}s), last {idle[-1][1] / 1024:.1f} MiB (t={idle[-1][0]:.0f}s), slope "
+                  f"{slope_mib_per_min(idle):+.2f} MiB/min")
+        if backlogs and len(steady) >= 2:
+            grew = (samples[-1][1] - first[1]) * 1024
+            pend = backlogs[-1] - backlogs[samples.index(first)]
+            if pend > 0:
+                print(f"RSS growth after warm-up per URL of backlog growth: {grew / pend:.0f} bytes")
         print(f"CPU during the soak, in cores: purged {purged_cpu / span:.2f}, Varnish {varnish_cpu / span:.2f}, "
               f"the poster {own / span:.2f}, everything else on the machine {others / span:.2f} "
               f"(of {os.cpu_count()}); load average now {os.getloadavg()[0]:.2f}")
