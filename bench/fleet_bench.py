@@ -69,6 +69,9 @@ def sec(x: float | None) -> str:
 
 
 def throughput(args) -> list[str]:
+    """Two rounds on one cluster: every daemon running (they share the 2 cores: the single-machine picture),
+    then the other daemons paused (SIGSTOP) while posting, as if each had a host of its own; after SIGCONT
+    they work off the backlog, so their delivery rate there is a catch-up rate."""
     lines = []
     with NatsCluster([(None, "127.0.0.1")] * 3) as nats:
         stubs = EdgeStubs("127.0.0.1", args.tp_daemons)
@@ -83,54 +86,74 @@ def throughput(args) -> list[str]:
             if status // 100 != 2:
                 raise RuntimeError(f"warm-up post: {status} {reply}")
             wait_total(stubs, {p: 10 for p in stubs.ports}, 30)
-            base = stubs.stats()["ports"]
-            bodies = [batch_body(run, b, args.tp_batch)[1] for b in range(args.tp_batches)]
-            total = args.tp_batch * args.tp_batches
-            log = PostLog()
-            cpu0 = [d.cpu_seconds() for d in daemons]
-            t0 = time.monotonic()
-            lock, nxt = threading.Lock(), [0]
-
-            def poster() -> None:
-                while True:
-                    with lock:
-                        b = nxt[0]
-                        nxt[0] += 1
-                    if b >= len(bodies) or time.monotonic() - t0 > args.timeout:
-                        return
-                    status, reply = daemons[0].request("POST", "/v1/purge", bodies[b])
-                    with log.lock:
-                        if status // 100 == 2 and reply.get("accepted") == args.tp_batch:
-                            log.posted.append(time.monotonic())
-                        else:
-                            log.errors.append(f"{status} {reply}")
-
-            threads = [threading.Thread(target=poster, daemon=True) for _ in range(args.tp_posters)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(args.timeout + 60)
-            t_acc = max(log.posted) if log.posted else float("nan")
-            if log.errors:
-                raise RuntimeError(f"{len(log.errors)} posts failed, first: {log.errors[0]}")
-            reached = wait_total(stubs, {p: base[str(p)] + total for p in stubs.ports}, args.timeout)
-            cpu1 = [d.cpu_seconds() for d in daemons]
+            lines.append(f"throughput (loopback, 3 NATS servers, stream replicas 3): {args.tp_batches} batches x "
+                         f"{args.tp_batch:,} URLs by {args.tp_posters} posters to {daemons[0].name}; each daemon "
+                         f"purges one stub node")
+            for paused in (False, True):
+                rows = throughput_round(args, stubs, daemons, f"{run}{'p' if paused else 'a'}", paused)
+                lines.append(f"  {'others paused (SIGSTOP) while posting' if paused else 'all daemons running'}:")
+                lines.append(table(["daemon", "accepted URLs/s", "delivered URLs/s", "CPU s", "us CPU/URL"], rows))
+                print("\n".join(lines[-2:]), flush=True)
         finally:
             for d in daemons:
+                if d.proc is not None and d.proc.poll() is None:
+                    os.kill(d.proc.pid, signal.SIGCONT)
                 d.cleanup()
             stubs.stop()
-    acc = total / (t_acc - t0)
-    lines.append(f"throughput (loopback, 3 NATS servers, stream replicas 3): {args.tp_batches} batches x "
-                 f"{args.tp_batch:,} URLs by {args.tp_posters} posters to {daemons[0].name}")
+    return lines
+
+
+def throughput_round(args, stubs: EdgeStubs, daemons: list[FleetDaemon], run: str, paused: bool) -> list[list[str]]:
+    base = stubs.stats()["ports"]
+    bodies = [batch_body(run, b, args.tp_batch)[1] for b in range(args.tp_batches)]
+    total = args.tp_batch * args.tp_batches
+    acked: list[float] = []
+    errors: list[str] = []
+    lock, nxt = threading.Lock(), [0]
+    cpu0 = [d.cpu_seconds() for d in daemons]
+    if paused:
+        for d in daemons[1:]:
+            os.kill(d.proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+
+    def poster() -> None:
+        while time.monotonic() - t0 < args.timeout:
+            with lock:
+                b = nxt[0]
+                nxt[0] += 1
+            if b >= len(bodies):
+                return
+            status, reply = daemons[0].request("POST", "/v1/purge", bodies[b])
+            with lock:
+                if status // 100 == 2 and reply.get("accepted") == args.tp_batch:
+                    acked.append(time.monotonic())
+                else:
+                    errors.append(f"{status} {reply}")
+
+    threads = [threading.Thread(target=poster, daemon=True) for _ in range(args.tp_posters)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(args.timeout + 60)
+    finally:
+        t_resume = time.monotonic()
+        if paused:
+            for d in daemons[1:]:
+                os.kill(d.proc.pid, signal.SIGCONT)
+    if errors or len(acked) != len(bodies):
+        raise RuntimeError(f"{len(errors)} posts failed, {len(acked)} of {len(bodies)} accepted; first: {errors[:1]}")
+    reached = wait_total(stubs, {p: base[str(p)] + total for p in stubs.ports}, args.timeout)
+    cpu1 = [d.cpu_seconds() for d in daemons]
+    acc = total / (max(acked) - t0)
     rows = []
     for k, d in enumerate(daemons):
         t = reached.get(stubs.ports[k])
-        rows.append([d.name, "yes" if k == 0 else "", f"{acc:,.0f}" if k == 0 else "",
-                     f"{total / (t - t0):,.0f}" if t else "not all", f"{cpu1[k] - cpu0[k]:.2f}",
-                     f"{(cpu1[k] - cpu0[k]) / total * 1e6:.1f}"])
-    lines.append(table(["daemon", "posted to", "accepted URLs/s", "delivered URLs/s", "CPU s",
-                        "us CPU/URL"], rows))
-    return lines
+        start = t_resume if paused and k else t0
+        rows.append([d.name + (" (posted to)" if k == 0 else " (paused)" if paused else ""),
+                     f"{acc:,.0f}" if k == 0 else "", f"{total / (t - start):,.0f}" if t else "not all",
+                     f"{cpu1[k] - cpu0[k]:.2f}", f"{(cpu1[k] - cpu0[k]) / total * 1e6:.1f}"])
+    return rows
 
 
 def wait_total(stubs: EdgeStubs, targets: dict[int, int], timeout: float) -> dict[int, float]:
@@ -268,7 +291,7 @@ def catch_up(fleet: Fleet, run: str, rate: float, batch: int, down: float, timeo
     status_down = None
     if log.posted and log.posted[-1].id:
         _, body = observer.request("GET", f"/v1/purge/{log.posted[-1].id}")
-        status_down = (body.get("done"), (body.get("daemons") or {}).get(victim.name))
+        status_down = (body.get("done"), ((body.get("daemons") or {}).get(victim.name) or {}).get("done"))
     lag_before = fleet_lags(observer.fleet()).get(victim.name, {}).get("lag")
     t_restart = time.monotonic()
     victim.start(timeout=60)
@@ -336,7 +359,7 @@ def simulation(args) -> list[str]:
         sd = c["status_down"] or ("n/a", "n/a")
         out.append(f"catch-up: {c['victim']} SIGKILLed, down {c['down']:.1f} s while {c['urls']:,} URLs were posted "
                    f"to the others (its lag then: {c['lag_before']} messages; a batch posted meanwhile, asked on "
-                   f"another daemon: done={sd[0]}, {c['victim']}: {sd[1]}); restarted: ready in "
+                   f"another daemon: done={sd[0]}, {c['victim']} done={sd[1]}); restarted: ready in "
                    f"{c['ready']:.1f} s, lag 0 after {sec(c['lag0'])} s, every URL at its {args.nodes} stubs "
                    f"after {sec(c['stubs'])} s")
         print(out[-1], flush=True)
@@ -377,6 +400,10 @@ def infra(args) -> list[str]:
     return out
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("throughput", "simulation", "infra"),
@@ -403,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.tp_batches, args.seconds, args.down, args.step_seconds = 8, 10.0, 5.0, 5.0
         args.max_rate = min(args.max_rate, args.rate * 4)
-    # SIGTERM unwinds like Ctrl-C, so every finally (processes, namespaces) runs.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM unwinds like Ctrl-C, so every finally (processes, namespaces) runs; Ctrl-C works even when
+    # started in the background by a shell that ignores SIGINT for its jobs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     print(f"fleet_bench: {machine_note()}", flush=True)
     out = []
     if args.only in (None, "throughput"):
