@@ -61,6 +61,10 @@ def ms(x: float) -> str:
     return "n/a" if x != x else f"{x * 1000:,.0f}"
 
 
+def errors_note(errors: list[str]) -> str:
+    return f" (first: {errors[0][:300]})" if errors else ""
+
+
 def sec(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f}"
 
@@ -80,6 +84,8 @@ def throughput(args) -> list[str]:
             for k in range(args.tp_daemons):
                 d = FleetDaemon(f"tp{k}", [stubs.nodes[k]], nats.urls, replicas=3, window=256, connections=2)
                 daemons.append(d.start())
+            for d in daemons:
+                d.wait_bus()
             run = f"tp{os.getpid()}x{int(time.time())}"
             _, warm = batch_body(run, 999999, 10)
             status, reply = daemons[0].request("POST", "/v1/purge", warm)
@@ -198,6 +204,9 @@ class Fleet:
                 d = FleetDaemon(f"dc{i}", nodes, servers if self.bus else None, netns=self.topo.netns[i], replicas=3,
                                 window=self.args.window, connections=1)
                 self.daemons.append(d.start(timeout=60))
+            for d in self.daemons:
+                if self.bus:
+                    d.wait_bus()
         except BaseException:
             self.__exit__()
             raise
@@ -295,6 +304,7 @@ def catch_up(fleet: Fleet, run: str, rate: float, batch: int, down: float, timeo
     lag_before = fleet_lags(observer.fleet()).get(victim.name, {}).get("lag")
     t_restart = time.monotonic()
     victim.start(timeout=60)
+    victim.wait_bus()
     t_ready = time.monotonic()
     t_lag0 = None
     deadline = t_restart + timeout
@@ -322,7 +332,8 @@ def max_rate(fleet: Fleet, run: str, args) -> tuple[float, list[str]]:
         cores = sum(dc["cpu"] for dc in r["per_dc"]) / r["elapsed"]
         lines.append(f"  {rate:>7,.0f} URLs/s ({rate * (args.nodes + 1) * len(fleet.daemons):>9,.0f} PURGE/s in "
                      f"all; batches of {batch}): worst DC p99 {ms(p99)} ms, posting late by up to "
-                     f"{r['behind'] * 1000:,.0f} ms, daemons {cores:.2f} cores -> {'ok' if ok else 'FAILED'}")
+                     f"{r['behind'] * 1000:,.0f} ms, daemons {cores:.2f} cores, {len(r['errors'])} post errors"
+                     f"{errors_note(r['errors'])} -> {'ok' if ok else 'FAILED'}")
         if not ok:
             break
         best = rate
@@ -342,12 +353,14 @@ def simulation(args) -> list[str]:
         run = f"sim{os.getpid()}x{int(time.time())}"
         warm = steady(fleet, run + "w", 10, 1, 1.0, 60)  # connections up, consumers created, caches warm
         if not all(dc["complete"] for dc in warm["per_dc"]):
-            raise RuntimeError("warm-up batches did not reach every node within 60 s")
+            raise RuntimeError(f"warm-up batches did not reach every node within 60 s{errors_note(warm['errors'])}")
+        if warm["errors"]:
+            print(f"warm-up: {len(warm['errors'])} post errors{errors_note(warm['errors'])}", flush=True)
         r = steady(fleet, run + "a", args.rate, args.batch, args.seconds, args.drain)
         out.append(f"steady: {args.rate:g} URLs/s for {args.seconds:g} s in batches of {args.batch} "
                    f"({args.rate * (args.nodes + 1) * args.dcs:,.0f} PURGE/s in all), {len(r['posted'])} batches "
-                   f"posted round robin; {len(r['errors'])} post errors; posting late by up to "
-                   f"{r['behind'] * 1000:,.0f} ms")
+                   f"posted round robin; {len(r['errors'])} post errors{errors_note(r['errors'])}; posting late "
+                   f"by up to {r['behind'] * 1000:,.0f} ms")
         out.append(table(STEADY_HEADERS, steady_rows(fleet, r)))
         total_cpu = sum(dc["cpu"] for dc in r["per_dc"])
         total_purges = sum(dc["purges"] for dc in r["per_dc"])
@@ -361,7 +374,7 @@ def simulation(args) -> list[str]:
                    f"to the others (its lag then: {c['lag_before']} messages; a batch posted meanwhile, asked on "
                    f"another daemon: done={sd[0]}, {c['victim']} done={sd[1]}); restarted: ready in "
                    f"{c['ready']:.1f} s, lag 0 after {sec(c['lag0'])} s, every URL at its {args.nodes} stubs "
-                   f"after {sec(c['stubs'])} s")
+                   f"after {sec(c['stubs'])} s; {len(c['errors'])} post errors{errors_note(c['errors'])}")
         print(out[-1], flush=True)
         best, lines = max_rate(fleet, run, args)
         out.append(f"most URLs/s sustained (steps of {args.step_seconds:g} s, p99 <= {args.slo:g} s, all "

@@ -166,6 +166,22 @@ class FleetDaemon:
         except ValueError:
             return r.status, {"raw": data[:200].decode(errors="replace")}
 
+    def wait_bus(self, timeout: float = 60.0) -> None:
+        """Wait (bounded) until ``/healthz`` says the bus is connected with its stream and consumer set up: a
+        daemon reports ready before that, and answers 503 ``bus_unavailable`` to purges meanwhile."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            try:
+                _, body = self.request("GET", "/healthz", timeout=5)
+                state = (body.get("bus") or {}).get("state")
+            except OSError as exc:
+                state = str(exc)
+            if state == "connected":
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: bus not set up after {timeout}s (state {state})")
+
     def fleet(self) -> dict:
         status, body = self.request("GET", "/v1/fleet", timeout=10)
         if status != 200:
