@@ -190,6 +190,7 @@ class Fleet:
         self.stubs: list[EdgeStubs] = []
         self.varnish: list[Varnish] = []
         self.daemons: list[FleetDaemon] = []
+        self.idle = [0.0] * n  # cores each daemon uses with nothing to do (measured by simulation())
 
     def __enter__(self) -> Fleet:
         try:
@@ -223,6 +224,16 @@ class Fleet:
 
     def stats(self) -> list[dict]:
         return [s.stats() for s in self.stubs]
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until every daemon's lag is 0 in ``GET /v1/fleet``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lags = fleet_lags(self.daemons[0].fleet())
+            if lags and all(d.get("lag") == 0 for d in lags.values()):
+                return True
+            time.sleep(0.25)
+        return False
 
     def wait_complete(self, posted, dcs: list[int], timeout: float) -> dict[int, float]:
         """Poll every DC's stub until each posted batch is at each of its nodes; when each DC got there."""
@@ -274,13 +285,14 @@ def steady_rows(fleet: Fleet, r: dict) -> list[list[str]]:
             ms(percentile(dc["lat"], 50)), ms(percentile(dc["lat"], 99)), ms(max(dc["lat"], default=float("nan"))),
             f"{len(dc['lat'])}/{len(r['posted'])}", f"{dc['purges']:,}",
             f"{dc['cpu'] / dc['purges'] * 1e6:.1f}" if dc["purges"] else "n/a",
+            f"{(dc['cpu'] - fleet.idle[i] * r['elapsed']) / dc['purges'] * 1e6:.1f}" if dc["purges"] else "n/a",
             f"{dc['cpu'] / r['elapsed']:.2f}",
         ])
     return rows
 
 
 STEADY_HEADERS = ["DC", "NATS", "nodes", "2xx p50 ms", "2xx p99 ms", "last node p50 ms", "p99 ms", "max ms",
-                  "batches at all nodes", "PURGEs", "us CPU/PURGE", "cores"]
+                  "batches at all nodes", "PURGEs", "us CPU/PURGE", "net of idle", "cores"]
 
 
 def catch_up(fleet: Fleet, run: str, rate: float, batch: int, down: float, timeout: float) -> dict:
@@ -322,67 +334,92 @@ def catch_up(fleet: Fleet, run: str, rate: float, batch: int, down: float, timeo
 
 
 def max_rate(fleet: Fleet, run: str, args) -> tuple[float, list[str]]:
-    best, lines, rate, step = 0.0, [], args.rate, 0
-    while rate <= args.max_rate:
+    """Double the rate from ``--rate`` until a step fails, then bisect twice between the last good and the
+    failed rate. Before each step the fleet drains (every daemon's lag 0, bounded) so steps do not mix."""
+    best, lines, rate, step, failed = 0.0, [], args.rate, 0, None
+    while rate <= args.max_rate and step < 12:
+        fleet.wait_idle(args.timeout)
         batch = max(args.batch, int(rate / 5))
         r = steady(fleet, f"{run}s{step}", rate, batch, args.step_seconds, args.drain)
         p99 = max((percentile(dc["lat"], 99) for dc in r["per_dc"]), default=float("nan"))
         ok = (all(dc["complete"] for dc in r["per_dc"]) and not r["errors"] and r["behind"] < 1.0
               and p99 == p99 and p99 <= args.slo)
         cores = sum(dc["cpu"] for dc in r["per_dc"]) / r["elapsed"]
+        us = sum(dc["cpu"] for dc in r["per_dc"]) / max(1, sum(dc["purges"] for dc in r["per_dc"])) * 1e6
         lines.append(f"  {rate:>7,.0f} URLs/s ({rate * (args.nodes + 1) * len(fleet.daemons):>9,.0f} PURGE/s in "
                      f"all; batches of {batch}): worst DC p99 {ms(p99)} ms, posting late by up to "
-                     f"{r['behind'] * 1000:,.0f} ms, daemons {cores:.2f} cores, {len(r['errors'])} post errors"
-                     f"{errors_note(r['errors'])} -> {'ok' if ok else 'FAILED'}")
-        if not ok:
-            break
-        best = rate
-        rate *= 2
+                     f"{r['behind'] * 1000:,.0f} ms, daemons {cores:.2f} cores ({us:.1f} us/PURGE), "
+                     f"{len(r['errors'])} post errors{errors_note(r['errors'])} -> {'ok' if ok else 'FAILED'}")
+        print(lines[-1], flush=True)
         step += 1
+        if ok:
+            best = rate
+        else:
+            failed = rate
+        if failed is None:
+            rate *= 2
+        elif failed - best <= max(args.rate / 2, best * 0.2) or step >= 12:
+            break
+        else:
+            rate = round((best + failed) / 2)
     return best, lines
 
 
 def simulation(args) -> list[str]:
-    out = []
+    out: list[str] = []
+
+    def say(*lines: str) -> None:
+        out.extend(lines)
+        print("\n".join(lines), flush=True)
+
     with Topology(dcs=args.dcs, link_ms=args.link_ms) as topo, Fleet(topo, args) as fleet:
-        out.append(f"simulation: {args.dcs} DCs (namespaces), star with {args.link_ms:g} ms spokes = "
+        say(f"simulation: {args.dcs} DCs (namespaces), star with {args.link_ms:g} ms spokes = "
                    f"{4 * args.link_ms:g} ms DC-to-DC RTT; NATS servers in "
                    f"{', '.join(f'dc{i}' for i in fleet.nats_dcs)} (stream replicas 3); per DC one daemon "
                    f"purging {args.nodes} stub nodes + 1 varnishd")
-        print(out[-1], flush=True)
+        where = {f"n{k}": f"dc{i}" for k, i in enumerate(fleet.nats_dcs)}
+        leader = fleet.nats.stream_leader("PURGED")
+        clients = fleet.nats.clients()
+        say(f"  stream leader {leader} (in {where.get(leader)}); each daemon's NATS connection (nats-py "
+                   f"picks a server of its list at random): " + ", ".join(
+                       f"{d.name}->{where.get(clients.get(f'purged {d.name}'), '?')}" for d in fleet.daemons))
         run = f"sim{os.getpid()}x{int(time.time())}"
         warm = steady(fleet, run + "w", 10, 1, 1.0, 60)  # connections up, consumers created, caches warm
         if not all(dc["complete"] for dc in warm["per_dc"]):
             raise RuntimeError(f"warm-up batches did not reach every node within 60 s{errors_note(warm['errors'])}")
         if warm["errors"]:
             print(f"warm-up: {len(warm['errors'])} post errors{errors_note(warm['errors'])}", flush=True)
+        idle_s = 3.0 if args.quick else 10.0
+        c0 = [d.cpu_seconds() for d in fleet.daemons]
+        time.sleep(idle_s)
+        idle = [(d.cpu_seconds() - a) / idle_s for d, a in zip(fleet.daemons, c0, strict=True)]
+        say(f"idle: each daemon uses {median(idle):.3f} cores with nothing to purge (median over "
+                   f"{idle_s:g} s: the bus's pulls and heartbeats, timers)")
+        fleet.idle = idle
         r = steady(fleet, run + "a", args.rate, args.batch, args.seconds, args.drain)
-        out.append(f"steady: {args.rate:g} URLs/s for {args.seconds:g} s in batches of {args.batch} "
+        say(f"steady: {args.rate:g} URLs/s for {args.seconds:g} s in batches of {args.batch} "
                    f"({args.rate * (args.nodes + 1) * args.dcs:,.0f} PURGE/s in all), {len(r['posted'])} batches "
                    f"posted round robin; {len(r['errors'])} post errors{errors_note(r['errors'])}; posting late "
                    f"by up to {r['behind'] * 1000:,.0f} ms")
-        out.append(table(STEADY_HEADERS, steady_rows(fleet, r)))
+        say(table(STEADY_HEADERS, steady_rows(fleet, r)))
         total_cpu = sum(dc["cpu"] for dc in r["per_dc"])
         total_purges = sum(dc["purges"] for dc in r["per_dc"])
-        out.append(f"  all daemons: {total_cpu / total_purges * 1e6:.1f} us CPU per PURGE "
+        say(f"  all daemons: {total_cpu / total_purges * 1e6:.1f} us CPU per PURGE "
                    f"(median per daemon {median([dc['cpu'] / dc['purges'] * 1e6 for dc in r['per_dc']]):.1f}); "
                    f"hub (WAN) {topo.hub_cpu_seconds():.1f} CPU s so far")
-        print("\n".join(out[-3:]), flush=True)
         c = catch_up(fleet, run + "c", args.rate, args.batch, args.down, args.timeout)
         sd = c["status_down"] or ("n/a", "n/a")
-        out.append(f"catch-up: {c['victim']} SIGKILLed, down {c['down']:.1f} s while {c['urls']:,} URLs were posted "
+        say(f"catch-up: {c['victim']} SIGKILLed, down {c['down']:.1f} s while {c['urls']:,} URLs were posted "
                    f"to the others (its lag then: {c['lag_before']} messages; a batch posted meanwhile, asked on "
                    f"another daemon: done={sd[0]}, {c['victim']} done={sd[1]}); restarted: ready in "
                    f"{c['ready']:.1f} s, lag 0 after {sec(c['lag0'])} s, every URL at its {args.nodes} stubs "
                    f"after {sec(c['stubs'])} s; {len(c['errors'])} post errors{errors_note(c['errors'])}")
-        print(out[-1], flush=True)
         best, lines = max_rate(fleet, run, args)
-        out.append(f"most URLs/s sustained (steps of {args.step_seconds:g} s, p99 <= {args.slo:g} s, all "
+        say(f"most URLs/s sustained (steps of {args.step_seconds:g} s, p99 <= {args.slo:g} s, all "
                    f"delivered within {args.drain:g} s): {best:,.0f} URLs/s = "
                    f"{best * (args.nodes + 1) * args.dcs:,.0f} PURGE/s in all")
         out.extend(lines)
-        print("\n".join([out[-1 - len(lines)], *lines]), flush=True)
-    out.append(f"  hub: {', '.join(f'{k} {v}' for k, v in (topo.stats or {}).items() if k != 'packets_by_pair')}")
+    say(f"  hub: {', '.join(f'{k} {v}' for k, v in (topo.stats or {}).items() if k != 'packets_by_pair')}")
     return out
 
 

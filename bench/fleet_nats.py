@@ -96,15 +96,19 @@ class NatsServer:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=die_with_parent)
 
-    def jsz(self) -> dict:
+    def get(self, path: str) -> dict:
+        """A monitoring endpoint's JSON (``/jsz``, ``/connz``, ...), asked from inside the server's namespace."""
         def get() -> dict:
-            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/jsz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}{path}", timeout=2) as r:
                 return json.loads(r.read())
 
         if self.netns:
             with in_netns(self.netns):
                 return get()
         return get()
+
+    def jsz(self) -> dict:
+        return self.get("/jsz")
 
     def log_tail(self) -> str:
         try:
@@ -189,6 +193,34 @@ class NatsCluster:
         s.stop()
         s.start(self._routes(s))
         self.wait_ready()
+
+    def stream_leader(self, stream: str) -> str | None:
+        """The server name leading ``stream``'s RAFT group (where every publish is stored first)."""
+        for s in self.servers:
+            try:
+                accounts = s.get("/jsz?streams=true").get("account_details") or []
+            except OSError:
+                continue
+            for account in accounts:
+                for detail in account.get("stream_detail") or []:
+                    if detail.get("name") == stream:
+                        leader = (detail.get("cluster") or {}).get("leader")
+                        if leader:
+                            return leader
+        return None
+
+    def clients(self) -> dict[str, str]:
+        """Connected clients by name (``purged dc3``) -> the server name they are connected to."""
+        out = {}
+        for s in self.servers:
+            try:
+                conns = s.get("/connz").get("connections") or []
+            except OSError:
+                continue
+            for c in conns:
+                if c.get("name"):
+                    out[c["name"]] = s.name
+        return out
 
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self.servers if s.proc is not None]
