@@ -19,6 +19,8 @@ from nats_cluster import NatsCluster, free_port
 from test_signals import PurgedProcess
 from varnish import VarnishNode, start_all, stop_all
 
+from purged.ctl import main as ctl_main
+
 pytestmark = pytest.mark.integration
 
 NAMES = ["cp1.eqiad", "cp2.esams", "cp3.ulsfo"]
@@ -95,7 +97,7 @@ async def _publish_garbage(servers: list[str]) -> None:
         await nc.close()
 
 
-def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path):
+def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path, capsys):
     cluster = NatsCluster(tmp_path / "nats").start()
     nodes = [VarnishNode(tmp_path / f"edge{i}") for i in range(3)]
     daemons: list[PurgedProcess | None] = [None] * 3
@@ -158,6 +160,21 @@ def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path):
         assert _metric(urls[0], "purged_bus_connected") == 1
         health = httpx.get(urls[2] + "/healthz", timeout=5).json()
         assert health["bus"]["state"] == "connected" and health["bus"]["consumer"] == "cp3_ulsfo"
+
+        # 4. purgectl lists the fleet; a daemon gone for good is retired (its consumer deleted), after which
+        # batches are done without it.
+        assert ctl_main(["--api", urls[0], "fleet"]) == 0
+        table = capsys.readouterr().out
+        assert all(name in table for name in NAMES), table
+        daemons[2].proc.send_signal(signal.SIGKILL)
+        daemons[2].wait(10)
+        assert httpx.delete(urls[0] + "/v1/fleet/cp1.eqiad", timeout=5).status_code == 409
+        assert httpx.delete(urls[0] + "/v1/fleet/nobody", timeout=5).json()["error"] == "unknown_daemon"
+        assert ctl_main(["--api", urls[0], "fleet", "retire", "cp3.ulsfo"]) == 0
+        assert "retired cp3.ulsfo" in capsys.readouterr().out
+        assert set(_wait_fleet(urls[1], NAMES[:2])["daemons"]) == set(NAMES[:2])
+        fid = _post(urls[1], ["http://h.test/after-retire"])
+        assert _status(urls[0], fid, wait=20)["done"] is True
     finally:
         for d in daemons:
             if d is not None:

@@ -353,6 +353,27 @@ class Fleet:
         return {"stream": self.bus.settings.stream, "last_seq": view.last_seq, "self": self.name,
                 "bus": self.bus.state, "daemons": fleet_table(view.last_seq, view.consumers)}
 
+    async def retire(self, daemon: str) -> dict:
+        """``DELETE /v1/fleet/{daemon}``: delete a daemon's consumer (gone for good); 404 if unknown, 409 for
+        this very daemon (stop it first, then retire it from another)."""
+        if daemon == self.name:
+            raise PurgedError(f"{daemon!r} is this daemon: stop it, then retire it through another daemon",
+                              reason="retire_self", status=409)
+        self._view = None
+        view = await self._checked_view()
+        match = [p for p in view.consumers if p.daemon == daemon]
+        if not match:
+            raise PurgedError(f"no daemon {daemon!r} in stream {self.bus.settings.stream}", reason="unknown_daemon",
+                              status=404)
+        try:
+            await self.bus.delete_consumer(match[0].consumer)
+        except Exception as exc:
+            raise PurgedError(f"could not delete consumer {match[0].consumer}: {exc!r}", reason="bus_unavailable",
+                              status=503) from None
+        self._view = None
+        log.warning("fleet: retired daemon %r (consumer %s deleted)", daemon, match[0].consumer)
+        return {"retired": daemon, "consumer": match[0].consumer}
+
     def health(self) -> dict:
         """``/healthz``'s ``bus`` entry."""
         return {"state": self.bus.state if self.bus.ready.is_set() or self.bus.state != "connected" else "setup",

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/purge``, ``GET /v1/purge/{id}[?wait=S]``, ``POST /sys/purge/`` (change-propagation),
 ``PURGE /path`` with a Host header (operators' curl), ``GET /metrics``, ``GET /healthz``, and in a fleet
-``GET /v1/fleet``. In a fleet (:mod:`purged.net.fleet`) accepted batches are published to the stream, and a
+``GET /v1/fleet`` and ``DELETE /v1/fleet/{daemon}`` (scope ``admin``: retire a daemon). In a fleet (:mod:`purged.net.fleet`) accepted batches are published to the stream, and a
 fleet id (``s1234``) answers for every daemon. Every error is JSON
 ``{"error": reason, "detail": ...}`` with its status. Body decoding and URL validation live in the core
 (:mod:`purged.core.ingest`), tokens and scopes in :mod:`purged.core.auth`; this module maps requests to them.
@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
 import trio
 
@@ -60,6 +61,7 @@ class FleetPort(Protocol):
                      priority: str = "bulk", token: Token | None = None) -> Admitted: ...
     async def status(self, fleet_id: str, wait: float) -> dict: ...
     async def fleet_json(self) -> dict: ...
+    async def retire(self, daemon: str) -> dict: ...
 
 
 class HTTPError(PurgedError):
@@ -179,6 +181,11 @@ class API:
             if self.fleet is None:
                 raise HTTPError(404, "no_fleet", "this daemon has no bus: it is not part of a fleet")
             return json_response(200, await self.fleet.fleet_json())
+        if path.startswith("/v1/fleet/"):
+            self._allow(req, "DELETE")
+            if self.fleet is None:
+                raise HTTPError(404, "no_fleet", "this daemon has no bus: it is not part of a fleet")
+            return json_response(200, await self.fleet.retire(unquote(path[len("/v1/fleet/"):])))
         if path == "/metrics":
             self._allow(req, "GET")
             body, content_type = self.metrics(req.headers.get("accept", ""))
@@ -286,6 +293,8 @@ def _route_scopes(req: Request, protect_metrics: bool) -> tuple[str, ...] | None
         return ("purge",)
     if path.startswith("/v1/purge/") or path == "/v1/fleet":
         return ("read", "purge", "purge:high")
+    if path.startswith("/v1/fleet/"):
+        return ("admin",)
     if path in OPEN_PATHS:
         return ("read",) if protect_metrics else None
     return ()
