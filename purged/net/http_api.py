@@ -249,6 +249,12 @@ class API:
         if target.startswith("/"):
             host = req.headers.get("host", "")
             try:
+                # The head is read as latin-1; a non-ASCII Host is UTF-8 (curl sends it so), and IDNA-encoding
+                # its latin-1 reading would purge another host.
+                host = host.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "bad_host", "Host header: not UTF-8") from None
+            try:
                 url = "http://" + validate_host(host) + target
             except InvalidURL as exc:
                 raise HTTPError(400, exc.reason, f"Host header: {exc.detail}") from None
