@@ -49,12 +49,18 @@ from fleet_harness import (  # noqa: E402
     batch_body,
     fleet_lags,
     latencies,
+    machine_busy,
     percentile,
     post_paced,
     table,
 )
 from fleet_nats import NatsCluster  # noqa: E402
 from netns_topology import Topology  # noqa: E402
+
+
+def cores_note(cores: dict[str, float]) -> str:
+    """"daemons 0.61, stubs 0.10, ... of 2" (cores each kind used; machine: every process, others' too)."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + f" of {os.cpu_count()} cores"
 
 
 def ms(x: float) -> str:
@@ -225,6 +231,21 @@ class Fleet:
     def stats(self) -> list[dict]:
         return [s.stats() for s in self.stubs]
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each kind of process we run, and of the whole machine (others' load too)."""
+        from common import cpu_seconds
+
+        out = {
+            "daemons": sum(d.cpu_seconds() for d in self.daemons),
+            "stubs": sum(s.cpu_seconds() for s in self.stubs),
+            "varnish": sum(v.cpu_seconds() for v in self.varnish),
+            "nats": sum(cpu_seconds(pid) for pid in self.nats.pids() if os.path.exists(f"/proc/{pid}")),
+            "hub": self.topo.hub_cpu_seconds(),
+            "bench": cpu_seconds(os.getpid()),  # the poster and the polls
+        }
+        out["machine"], _ = machine_busy()
+        return out
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait (bounded) until every daemon's lag is 0 in ``GET /v1/fleet``."""
         deadline = time.monotonic() + timeout
@@ -256,12 +277,15 @@ def steady(fleet: Fleet, run: str, rate: float, batch: int, seconds: float, drai
     v0 = [v.n_purges() for v in fleet.varnish]
     s0 = [s["total"] for s in fleet.stats()]
     cpu0 = [d.cpu_seconds() for d in daemons]
+    parts0 = fleet.cpu()
     log = PostLog()
     t0 = time.monotonic()
     post_paced(daemons, run, rate, batch, seconds, log)
     t_post = time.monotonic()
     done = fleet.wait_complete(log.posted, list(range(len(daemons))), drain)
+    t_end = time.monotonic()
     cpu1 = [d.cpu_seconds() for d in daemons]
+    parts = {k: (v - parts0[k]) / (t_end - t0) for k, v in fleet.cpu().items()}
     stats = fleet.stats()
     v1 = [v.n_purges() for v in fleet.varnish]
     per_dc = []
@@ -272,7 +296,8 @@ def steady(fleet: Fleet, run: str, rate: float, batch: int, seconds: float, drai
                        "varnish": v1[i] - v0[i], "cpu": cpu1[i] - cpu0[i], "complete": i in done})
     posts = [p.acked - p.sent for p in log.posted]
     return {"per_dc": per_dc, "posted": log.posted, "errors": log.errors, "behind": log.behind_max,
-            "post_lat": posts, "elapsed": t_post - t0, "urls": sum(p.urls for p in log.posted)}
+            "post_lat": posts, "elapsed": t_end - t0, "posting": t_post - t0, "cores": parts,
+            "urls": sum(p.urls for p in log.posted)}
 
 
 def steady_rows(fleet: Fleet, r: dict) -> list[list[str]]:
@@ -344,11 +369,10 @@ def max_rate(fleet: Fleet, run: str, args) -> tuple[float, list[str]]:
         p99 = max((percentile(dc["lat"], 99) for dc in r["per_dc"]), default=float("nan"))
         ok = (all(dc["complete"] for dc in r["per_dc"]) and not r["errors"] and r["behind"] < 1.0
               and p99 == p99 and p99 <= args.slo)
-        cores = sum(dc["cpu"] for dc in r["per_dc"]) / r["elapsed"]
         us = sum(dc["cpu"] for dc in r["per_dc"]) / max(1, sum(dc["purges"] for dc in r["per_dc"])) * 1e6
         lines.append(f"  {rate:>7,.0f} URLs/s ({rate * (args.nodes + 1) * len(fleet.daemons):>9,.0f} PURGE/s in "
                      f"all; batches of {batch}): worst DC p99 {ms(p99)} ms, posting late by up to "
-                     f"{r['behind'] * 1000:,.0f} ms, daemons {cores:.2f} cores ({us:.1f} us/PURGE), "
+                     f"{r['behind'] * 1000:,.0f} ms, {us:.1f} us CPU/PURGE in daemons; cores: {cores_note(r['cores'])}; "
                      f"{len(r['errors'])} post errors{errors_note(r['errors'])} -> {'ok' if ok else 'FAILED'}")
         print(lines[-1], flush=True)
         step += 1
@@ -406,7 +430,7 @@ def simulation(args) -> list[str]:
         total_purges = sum(dc["purges"] for dc in r["per_dc"])
         say(f"  all daemons: {total_cpu / total_purges * 1e6:.1f} us CPU per PURGE "
                    f"(median per daemon {median([dc['cpu'] / dc['purges'] * 1e6 for dc in r['per_dc']]):.1f}); "
-                   f"hub (WAN) {topo.hub_cpu_seconds():.1f} CPU s so far")
+                   f"cores used while it ran: {cores_note(r['cores'])}")
         c = catch_up(fleet, run + "c", args.rate, args.batch, args.down, args.timeout)
         sd = c["status_down"] or ("n/a", "n/a")
         say(f"catch-up: {c['victim']} SIGKILLed, down {c['down']:.1f} s while {c['urls']:,} URLs were posted "

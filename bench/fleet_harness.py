@@ -270,17 +270,20 @@ def batch_body(run: str, batch: int, urls: int) -> tuple[str, bytes]:
 
 
 def post_paced(daemons: list[FleetDaemon], run: str, rate: float, batch_urls: int, seconds: float,
-               log: PostLog, *, first_batch: int = 0, stop: threading.Event | None = None) -> int:
-    """Post ``rate`` URLs/s for ``seconds`` in batches of ``batch_urls``, round robin over ``daemons``, one
-    thread per daemon on a fixed schedule (open loop: a slow 2xx does not slow the offered rate down until
-    that daemon's thread itself is late). Returns how many batches were scheduled."""
+               log: PostLog, *, first_batch: int = 0, stop: threading.Event | None = None,
+               per_daemon: int = 3) -> int:
+    """Post ``rate`` URLs/s for ``seconds`` in batches of ``batch_urls``, round robin over ``daemons``, on a
+    fixed schedule by ``per_daemon`` threads per daemon (open loop: a slow 2xx delays the offered rate only
+    once that many posts to one daemon are outstanding). Returns how many batches were scheduled."""
     interval = batch_urls / rate
     total = max(1, int(seconds / interval))
     t0 = time.monotonic() + 0.2
     stop = stop or threading.Event()
+    n = len(daemons)
 
-    def worker(k: int, daemon: FleetDaemon) -> None:
-        for b in range(k, total, len(daemons)):
+    def worker(k: int, j: int) -> None:
+        daemon = daemons[k]
+        for b in range(k + j * n, total, n * per_daemon):
             if stop.is_set():
                 return
             due = t0 + b * interval
@@ -303,7 +306,7 @@ def post_paced(daemons: list[FleetDaemon], run: str, rate: float, batch_urls: in
                 else:
                     log.errors.append(f"{daemon.name}: {status} {reply}")
 
-    threads = [threading.Thread(target=worker, args=(k, d), daemon=True) for k, d in enumerate(daemons)]
+    threads = [threading.Thread(target=worker, args=(k, j), daemon=True) for k in range(n) for j in range(per_daemon)]
     for t in threads:
         t.start()
     deadline = t0 + seconds + 120
@@ -311,6 +314,16 @@ def post_paced(daemons: list[FleetDaemon], run: str, rate: float, batch_urls: in
         t.join(max(0.0, deadline - time.monotonic()))
     stop.set()
     return total
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (every process, ours or not)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    from common import CLK_TCK
+
+    return (sum(fields) - idle) / CLK_TCK, sum(fields) / CLK_TCK
 
 
 # -- statistics ----------------------------------------------------------------------------------------------------

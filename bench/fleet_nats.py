@@ -11,7 +11,7 @@ address with fixed ports (4222 clients, 6222 routes, 8222 monitoring): nothing e
 Servers are stopped by PID (SIGTERM, then SIGKILL), and die with the thread that started them
 (``PR_SET_PDEATHSIG``). :meth:`kill` / :meth:`restart` stop and bring back one server (the failure drills).
 
-This is the same approach as the test fixture tests/nats.py (config per server, explicit routes, readiness from
+This is the same approach as the test fixture tests/nats_cluster.py (config per server, explicit routes, readiness from
 the monitoring port, stop by PID); the bench keeps its own because that one binds 127.0.0.1 only, and here a
 server must run inside a namespace, on its DC's address.
 

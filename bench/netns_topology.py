@@ -22,9 +22,10 @@ delays (``Topology(delay_ms=[[...], ...])``); the star is the matrix ``link[i] +
 
 Traffic inside a namespace (a daemon to its own DC's edges) never crosses the hub: it is local, as on a LAN.
 Namespaces are named ``pfl<tag>-dc<i>`` (tag: our PID unless given) and deleted by those exact names on exit,
-also on an exception or Ctrl-C; if this process dies without cleaning up (SIGKILL), the hub gets SIGTERM from
-the kernel (``PR_SET_PDEATHSIG``) and deletes them itself. The hub also stops after ``max_seconds``.
-Processes started with :meth:`Topology.popen` get the same death signal, so nothing outlives the run.
+also on an exception or Ctrl-C, after SIGKILLing (by PID, from ``ip netns pids``) any process still running in
+them; if this process dies without cleaning up (SIGKILL), the hub gets SIGTERM from the kernel
+(``PR_SET_PDEATHSIG``) and does the same itself. The hub also stops after ``max_seconds``. Processes started
+with :meth:`Topology.popen` die with this process too.
 
     .venv/bin/python bench/netns_topology.py --check             # 6 DCs, 20 ms spokes: prints the RTT matrix
     .venv/bin/python bench/netns_topology.py --check --dcs 3 --link-ms 5
@@ -154,13 +155,30 @@ def serve(netns: list[str], delay: list[list[float]], max_queue: int, max_second
     stats["packets"] = sum(map(sum, sent))
     stats["packets_by_pair"] = {f"{i}>{j}": sent[i][j] for i in range(n) for j in range(n) if sent[i][j]}
     if delete_on_orphan and os.getppid() != parent:
-        # Our creator died without tearing down (SIGKILL): the namespaces are ours to remove.
+        # Our creator died without tearing down (SIGKILL): the namespaces, and what still runs in them, are
+        # ours to remove.
+        kill_namespace_pids(netns)
         for ns in netns:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
     print(json.dumps(stats), flush=True)
 
 
 # -- set-up and tear-down ----------------------------------------------------------------------------------------
+
+
+def kill_namespace_pids(netns: list[str]) -> list[int]:
+    """SIGKILL, by PID, every process still running in these namespaces (all started by us: nothing else
+    can enter a namespace we just created); returns the PIDs."""
+    pids = []
+    for ns in netns:
+        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
+        pids += [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 def star(link_ms: Sequence[float]) -> list[list[float]]:
@@ -267,6 +285,12 @@ class Topology:
             except subprocess.TimeoutExpired:
                 self.hub.kill()
                 self.hub.wait()
+        # Whatever is still running in our namespaces (a varnishd's worker, a process started elsewhere) is
+        # a leftover of this run: stopped by PID before the namespaces go.
+        left = kill_namespace_pids(self.created)
+        if left:
+            print(f"netns_topology: killed {len(left)} leftover process(es) in our namespaces: {left}",
+                  file=sys.stderr)
         for ns in reversed(self.created):
             ip("netns", "del", ns, check=False)
         self.created.clear()
