@@ -63,6 +63,7 @@ class Load:
         self.limit, self.host = limit, host
         self.doubt: set[tuple[str, str]] = set()
         self.statuses: dict[object, int] = {}
+        self.answers: list[object] = []  # in order
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.count = 0
@@ -91,6 +92,7 @@ class Load:
                 except httpx.TransportError as exc:
                     status = type(exc).__name__
                 self.statuses[status] = self.statuses.get(status, 0) + 1
+                self.answers.append(status)
                 if status in (200, 201, 202):
                     self.ledger.add(urls, sent_at, r.json())
                 else:

@@ -95,7 +95,11 @@ def test_disk_full_refuses_with_503_says_so_delivers_what_it_accepted_and_recove
         r = httpx.post(purged.url + "/v1/purge", json={"urls": ["http://w.example.org/full/probe"]}, timeout=10)
         refused.doubt.add(("w.example.org", "/full/probe"))  # a batch that failed to write may still be delivered
         assert r.status_code == 503 and r.json()["error"] == "disk_full" and r.headers["retry-after"], r.text
-        assert set(refused.statuses) == {503}, refused.statuses  # nothing accepted that could not be stored
+        assert r.headers["retry-after"] == "5"
+        # Nothing accepted that could not be stored: a first small batch may still fit the slack of the segment's
+        # last page (tmpfs allocates pages), and is then stored and accepted; once one is refused, all are.
+        first = refused.answers.index(503)
+        assert first <= 1 and set(refused.answers[first:]) == {503}, refused.answers
         state_now = health(purged.url)
         assert state_now["journal"] == "disk_full", state_now
         metrics = httpx.get(purged.url + "/metrics", timeout=10).text
