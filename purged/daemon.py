@@ -258,8 +258,11 @@ class Service:
 
     def health(self) -> dict:
         stats = statistics(self.engine, trio.current_time())
+        journal = self.journal
         health = {
             "status": "draining" if self.api.stopping.is_set() else "ok",
+            # "ok", "off" (no state_dir), or why it cannot write (disk_full, journal_error): new batches get 503s
+            "journal": "off" if journal is None else journal.error.reason if journal.error is not None else "ok",
             "log_entries": stats["log_entries"],
             "unique_pending": stats["unique_pending"],
             "nodes": stats["nodes"],
