@@ -10,8 +10,8 @@ frontend purged first would refetch the old object from the not-yet-purged backe
   started after the batch was reported done returns the old version; tier order and conservation hold from
   the edges' own logs.
 - With both nodes in one tier (no order): the same run serves the old version after "done". Kept as a check
-  that the test can fail: it is deterministic here, since every object is fetched several times while the
-  backend's PURGEs are held.
+  that the test can fail: it is deterministic, since the backend's PURGEs are held until every object was
+  fetched again after the frontend's PURGEs.
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ async def race(origin, be, fe, proxy, tiered: bool, tag: str) -> tuple[list[Get]
 
     await trio.to_thread.run_sync(warm)
     ledger = oracle.Ledger()
+    fe_purges = await trio.to_thread.run_sync(fe.n_purges)
     async with running_daemon(cfg) as (service, api):
         client.start()
         await trio.sleep(0.3)
@@ -171,6 +172,16 @@ async def race(origin, be, fe, proxy, tiered: bool, tag: str) -> tuple[list[Get]
         posted_at = time.time()
         batch = await post_batch(api, ledger, [f"https://{HOST}{p}" for p in paths])
         await trio.sleep(HOLD)
+        if not tiered:
+            # Hold on until every object was fetched after the frontend's PURGEs (a loaded machine may starve
+            # the client for a while): then the old copies are certainly back in the frontend.
+            with trio.move_on_after(5):
+                purged_fe = fe_purges + OBJECTS
+                while await trio.to_thread.run_sync(fe.n_purges) < purged_fe:
+                    await trio.sleep(0.02)
+                fe_at = time.time()
+                while {g.path for g in client.log[-4 * OBJECTS :] if g.start > fe_at} != set(paths):
+                    await trio.sleep(0.02)
         proxy.set_mode("pass")
         assert await wait_done(api, [batch], timeout=20)
         done_at = time.time()
@@ -201,7 +212,7 @@ async def test_no_stale_object_after_done_with_tier_order_and_stale_without(ats_
         print(f"tiered: {len(gets)} GETs in {seconds:.1f} s ({len(gets) / seconds:.0f}/s), {len(after)} after "
               f"done, stale after done: {len(stale)}; the old version served between the purge's post and done "
               f"({done_at - run['posted_at']:.2f} s): {sum(g.version == 1 and g.start > run['posted_at'] for g in gets)}")
-        assert len(gets) / seconds > 0.75 * GET_RATE  # the load was there
+        assert len(gets) / seconds > 0.5 * GET_RATE  # the load was there (~200/s; a loaded machine may lag)
         assert len(after) >= 100 and {g.path for g in after} == {g.path for g in gets}
         assert not stale, stale[:5]
         logs = await trio.to_thread.run_sync(purges_of, [be, fe])
