@@ -63,3 +63,32 @@ async def test_no_bus_no_fleet_routes(tmp_path):
         assert r.status_code == 404 and r.json()["error"] == "unknown_batch"
 
 
+
+
+async def test_consumer_deleted_under_a_running_daemon_comes_back(tmp_path):
+    """An operator deleted the consumer of a daemon that is still running: its fetches fail, it sets the
+    consumer up again, and it gets the batches published meanwhile."""
+    cluster = await trio.to_thread.run_sync(lambda: NatsCluster(tmp_path / "nats", size=1).start())
+    try:
+        async with trio.open_nursery() as nursery:
+            edge = StubEdge()
+            port = await nursery.start(serve_stub_edge, edge)
+            bus = {"nats": {"servers": cluster.urls, "ack_wait": 1.0, "publish_timeout": 2.0}}
+            cfg = config_for({"a": [[f"127.0.0.1:{port}"]]}, name="back.again", bus=bus)
+            async with running_daemon(cfg) as (service, client):
+                await service.bus.ready.wait()
+                await service.bus.delete_consumer("back_again")
+                # While no consumer at all exists the stream keeps nothing (interest retention, docs/fleet.md):
+                # post until a batch reaches the node, then that batch is done with the consumer back.
+                with trio.fail_after(20):
+                    n = 0
+                    while not edge.requests:
+                        n += 1
+                        r = await client.post("/v1/purge", json={"urls": [f"http://h.test/{n}"]})
+                        assert r.status_code == 202, r.text
+                        await trio.sleep(0.5)
+                status = (await client.get(f"/v1/purge/{r.json()['id']}", params={"wait": 10})).json()
+                assert status["done"] is True and "back.again" in status["daemons"], status
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
