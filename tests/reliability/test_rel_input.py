@@ -130,7 +130,7 @@ def test_every_bad_input_is_refused_and_counted_and_good_purges_still_flow(varni
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
     # ~80 refused requests: one log line per status per 10 s (400, 413, 415, 431), not one per request.
     refused = [ln for ln in log.splitlines() if "purged.http:" in ln and " -> 4" in ln]
-    assert 0 < len(refused) <= 8, refused
+    assert 0 < len(refused) <= 12, refused  # 4 statuses; a slow run may span a few 10 s windows
 
 
 def _http_bodies(live: Live) -> None:
