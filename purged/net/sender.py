@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..core.http1 import ProtocolError, ResponseParser, encode_purge
-from ..core.urls import split_target
+from ..core.http1 import ProtocolError, ResponseParser, encode_purges
+from ..core.http1_fast import FastResponseParser
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
 
 log = logging.getLogger("purged.sender")
+
+RECEIVE_SIZE = 1 << 18  # one read takes everything the edge sent so far: fewer wake-ups, reads end between answers
 
 
 class SenderPort(Protocol):
@@ -44,6 +46,7 @@ class NodeSender:
         self.window = cfg.window
         self.pipelining_fallbacks = 0
         self.connects = 0
+        self.hand_parser = False  # llhttp refused a stream it could not hand over: the hand parser from now on
 
     def reconfigure(self, cfg: Sender) -> None:
         """A reload: a window lowered by a pipelining fallback stays lowered."""
@@ -109,15 +112,15 @@ class NodeSender:
                     continue
                 if not fifo:
                     sent_at = trio.current_time()
-                fifo.extend(seq for seq, _ in items)
-                data = b"".join(encode_purge(*split_target(target)) for _, target in items)
+                fifo.extend([seq for seq, _ in items])
+                data = encode_purges([target for _, target in items])
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return end("reset")
 
         async def reader() -> None:
-            parser = ResponseParser()
+            parser = ResponseParser() if self.hand_parser else FastResponseParser()
             answered = 0
             timeout = self.cfg.timeout
             last_data = trio.current_time()
@@ -125,7 +128,7 @@ class NodeSender:
                 data = None
                 with trio.move_on_after(min(timeout, 1.0)):
                     try:
-                        data = await stream.receive_some(65536)
+                        data = await stream.receive_some(RECEIVE_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         return end("reset")
                 now = trio.current_time()
@@ -138,8 +141,18 @@ class NodeSender:
                     responses = parser.feed(data) if data else parser.feed_eof()
                 except ProtocolError as exc:
                     log.warning("%s: bad response (%s): %s", name, exc.reason, exc.detail)
+                    if getattr(parser, "needs_hand_parser", False):
+                        self.hand_parser = True
                     return end("protocol")
                 closing = not data
+                n = len(responses)
+                if n and n <= len(fifo) and responses[-1].keep_alive and not closing:
+                    # The usual read: every answer keeps the connection open and matches a request sent.
+                    popleft = fifo.popleft
+                    port.ack(name, [(popleft(), resp.status) for resp in responses])
+                    answered += n
+                    space.set()
+                    continue
                 answers = []
                 for resp in responses:
                     if not fifo:
