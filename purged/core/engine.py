@@ -129,16 +129,8 @@ class Engine:
         """Accept validated purge targets (``host + path``) as one batch. Admission decided it may."""
         li = HIGH if priority == "high" else BULK
         lane = self.lanes[li]
-        dc_mask = self.topology.dc_mask
-        hi = -1
-        coalesced = 0
-        for target in targets:
-            seq, merged = lane.append(target, now, dc_mask(target[: target.find("/")]))
-            coalesced += merged
-            if seq > hi:
-                hi = seq
-            if not merged and self._appended is not None:
-                self._appended[li].append((seq, target, now))
+        journal = self._appended[li] if self._appended is not None else None
+        hi, coalesced = lane.extend(targets, now, self.topology.dc_mask, journal)
         stats = self._source(source)
         stats.received += len(targets)
         stats.accepted += len(targets)
