@@ -71,22 +71,47 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from functools import partial
-
     import trio
 
     from .daemon import serve
+    from .net.bus import BusSetupError
     from .net.journal import JournalSetupError
 
     try:
-        trio.run(partial(serve, config, config_path=path))
+        return _run_daemon(trio, serve, config, path)
     except ConfigError as exc:  # the tokens file or the certificate changed between the check and the start
         _report(path, exc)
         return 2
     except JournalSetupError as exc:
         logging.getLogger("purged").critical("%s", exc)
         return 1
+    except BusSetupError as exc:
+        logging.getLogger("purged").critical("%s", exc)
+        return 1
+
+
+def _run_daemon(trio, serve, config, path) -> int:  # type: ignore[no-untyped-def]
+    """Run the daemon; a bus set-up error (another daemon's consumer under our name) ends it like a config
+    error at start, not as a traceback."""
+    from functools import partial
+
+    from .net.bus import BusSetupError
+
+    try:
+        trio.run(partial(serve, config, config_path=path))
+    except BaseExceptionGroup as group:  # a task of the daemon's nursery failed: unwrap our own errors
+        mine, rest = group.split((BusSetupError, ConfigError))
+        if mine is None or rest is not None:
+            raise
+        raise _first_leaf(mine) from None
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover

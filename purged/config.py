@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_bus import Bus, default_name, parse_bus, parse_name
 from .core.errors import InvalidURL
 from .core.urls import validate_host
 from .validate import Errors, fields, join, list_of, mapping, number, positive, show, string, type_name
@@ -161,6 +162,8 @@ class Config:
     state_dir: str | None = "/var/lib/purged"  # the journal; None: no journal (purges live in memory only)
     durability: str = "fsync"  # fsync | batch | none: what a 2xx promises (docs/durability.md)
     journal: JournalTuning = field(default_factory=JournalTuning)
+    name: str = field(default_factory=default_name)  # this daemon's name in a fleet (config_bus.py)
+    bus: Bus | None = None  # None: one daemon alone; else a fleet on a replicated stream (docs/fleet.md)
 
 
 # -- the parser ---------------------------------------------------------------------------------------------------
@@ -439,7 +442,7 @@ def _parse_durability(value: Any, path: str, errs: Errors) -> str | None:
 _NULL = object()  # a parsed null: fields() drops None (an error), so null state_dir needs a marker
 
 _TOP_KEYS = {"listen", "datacenters", "limits", "sender", "dedup", "shutdown_timeout", "state_dir", "durability",
-             "journal", "auth"}
+             "journal", "auth", "name", "bus"}
 
 
 def parse_config(data: Any) -> Config:
@@ -486,6 +489,8 @@ def parse_config(data: Any) -> Config:
                 "state_dir": _parse_state_dir,
                 "durability": _parse_durability,
                 "journal": _parse_journal,
+                "name": parse_name,
+                "bus": lambda v, p, e: None if v is None else parse_bus(v, p, e),
             },
         )
     )

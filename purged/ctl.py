@@ -270,6 +270,9 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
         for dc, tiers in status.get("datacenters", {}).items():
             for tier, t in tiers.items():
                 print(f"  {dc:<12} {tier:<12} {t.get('done')}/{t.get('nodes')} nodes done")
+        for name, d in status.get("daemons", {}).items():  # a fleet id: every daemon of the fleet
+            state = "done" if d.get("done") else f"not done (lag {d.get('lag')})"
+            print(f"  daemon {name:<24} {state}")
     return EXIT_TIMEOUT if args.wait is not None and not status.get("done") else EXIT_OK
 
 
@@ -292,6 +295,41 @@ def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:  # names left-aligned, numbers right-aligned
         cells = (c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(cells).rstrip())
+    return EXIT_OK
+
+
+FLEET_COLUMNS = ("daemon", "consumer", "lag", "pending", "ack_pending", "redelivered", "last_active")
+
+
+def cmd_fleet(args: argparse.Namespace, client: Client) -> int:
+    """The fleet's daemons (``GET /v1/fleet``), or ``retire NAME`` (``DELETE /v1/fleet/NAME``, scope admin)."""
+    if args.fleet_command == "retire":
+        resp = client.request("DELETE", "/v1/fleet/" + quote(args.name, safe=""))
+        if resp.status_code != 200:
+            raise refusal(f"retire {args.name}", resp)
+        body = body_of(resp)
+        print(f"retired {body.get('retired')} (consumer {body.get('consumer')} deleted)")
+        return EXIT_OK
+    resp = client.request("GET", "/v1/fleet")
+    if resp.status_code != 200:
+        raise refusal("/v1/fleet", resp)
+    fleet = body_of(resp)
+    if args.json:
+        print(json.dumps(fleet))
+        return EXIT_OK
+    print(f"stream {fleet.get('stream')}, last sequence {fleet.get('last_seq')}, asked {fleet.get('self')} "
+          f"(bus {fleet.get('bus')})")
+    now = time.time()
+    rows = []
+    for name, d in fleet.get("daemons", {}).items():
+        last = d.get("last_active")
+        ago = f"{now - last:.0f}s ago" if isinstance(last, (int, float)) else "never"
+        rows.append([name] + [str(d.get(c, "")) for c in FLEET_COLUMNS[1:-1]] + [ago])
+    header = [c.upper() for c in FLEET_COLUMNS]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         print("  ".join(cells).rstrip())
     return EXIT_OK
 
@@ -366,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     pn = sub.add_parser("nodes", help="a table of every edge node from /healthz")
     pn.add_argument("--json", action="store_true", help="print the API's answer as JSON")
 
+    pf = sub.add_parser("fleet", help="the daemons of a fleet and their lag (docs/fleet.md); retire one")
+    pf.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    fsub = pf.add_subparsers(dest="fleet_command", metavar="ACTION")
+    pr = fsub.add_parser("retire", help="delete a daemon's consumer (it is gone for good); needs scope admin")
+    pr.add_argument("name")
+
     pt = sub.add_parser("token", help="API tokens")
     tsub = pt.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     pnew = tsub.add_parser("new", help="make a token and print its tokens.yaml entry")
@@ -384,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "token":
             return cmd_token_new(args)
         client = Client(args.api, args.token, args.cacert)
-        return {"purge": cmd_purge, "status": cmd_status, "nodes": cmd_nodes}[args.command](args, client)
+        commands = {"purge": cmd_purge, "status": cmd_status, "nodes": cmd_nodes, "fleet": cmd_fleet}
+        return commands[args.command](args, client)
     except CtlError as exc:
         err(str(exc))
         return exc.code

@@ -25,9 +25,11 @@ from .core.engine import Engine, Policy
 from .core.reload import reconfigure
 from .core.status import statistics
 from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import EngineCollector, JournalCollector, MulticastCollector, SenderCollector
+from .metrics import BusCollector, EngineCollector, JournalCollector, MulticastCollector, SenderCollector
 from .net import systemd
+from .net.bus import NatsBus
 from .net.driver import Driver
+from .net.fleet import Fleet
 from .net.http_api import API
 from .net.http_server import TLSContext, serve_http
 from .net.journal import Journal
@@ -106,8 +108,14 @@ class Service:
         if cfg.listen.https is not None:
             self.tls = _tls_context(cfg.listen.https)
         self.https_port: int | None = None
+        # A fleet (docs/fleet.md): accepted batches go to the stream; this daemon consumes it like the others.
+        self.bus: NatsBus | None = None
+        self.fleet: Fleet | None = None
+        if cfg.bus is not None:
+            self.bus = NatsBus(cfg.bus.nats, cfg.name)
+            self.fleet = Fleet(self.driver, self.bus, name=cfg.name)
         self.api = API(self.driver, cfg.limits, health=self.health, metrics=self.render_metrics, tokens=tokens,
-                       allow=cfg.listen.http_allow, protect_metrics=cfg.auth.protect_metrics)
+                       allow=cfg.listen.http_allow, protect_metrics=cfg.auth.protect_metrics, fleet=self.fleet)
         self.nursery: trio.Nursery | None = None  # where senders run (set by serve)
         self._sender_scopes: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.reloads = {"ok": 0, "error": 0}
@@ -117,6 +125,8 @@ class Service:
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time, lambda: self.removed_drops))
         self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
         self.registry.register(SenderCollector(lambda: self.senders, lambda: self.engine))
+        if self.fleet is not None:
+            self.registry.register(BusCollector(self.fleet))
 
     def open_journal(self) -> None:
         j, cfg = self.config.journal, self.config
@@ -167,7 +177,7 @@ class Service:
         """Apply ``new`` (already validated): nodes, data centres, limits, shaping. Listeners and the journal
         settings need a restart. Accepted purges are neither lost nor sent again (see core/reload.py)."""
         old = self.config
-        for key in ("listen", "state_dir", "durability", "journal"):
+        for key in ("listen", "state_dir", "durability", "journal", "name", "bus"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("reload: %s changed; it applies at the next restart", key)
         names = {str(a) for dc in new.datacenters for t in dc.tiers for a in t.nodes}
@@ -248,12 +258,18 @@ class Service:
 
     def health(self) -> dict:
         stats = statistics(self.engine, trio.current_time())
-        return {
+        journal = self.journal
+        health = {
             "status": "draining" if self.api.stopping.is_set() else "ok",
+            # "ok", "off" (no state_dir), or why it cannot write (disk_full, journal_error): new batches get 503s
+            "journal": "off" if journal is None else journal.error.reason if journal.error is not None else "ok",
             "log_entries": stats["log_entries"],
             "unique_pending": stats["unique_pending"],
             "nodes": stats["nodes"],
         }
+        if self.fleet is not None:
+            health["bus"] = self.fleet.health()
+        return health
 
     def render_metrics(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)
@@ -325,6 +341,13 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                     for address in tier.nodes:
                         await service.start_sender(address)
             intake: list[trio.CancelScope] = []  # one per intake server: SIGTERM cancels them all
+            if service.bus is not None and service.fleet is not None:
+                # Returns at once: the connection, stream and consumer come up in the background (purges
+                # posted meanwhile get 503 bus_unavailable). The consumer's pull is an intake.
+                await nursery.start(service.bus.serve)
+                await nursery.start(service.fleet.serve_acks)
+                await nursery.start(service.fleet.serve_monitor)
+                await nursery.start(_in_scope, intake, service.fleet.serve_intake)
             for i, listen in enumerate(config.listen.multicast):
                 stats = service.multicast[f"{listen.group}:{listen.port}"] = MulticastStats()
                 serve = partial(serve_multicast, listen, service.multicast_ingest(listen), stats,
@@ -341,13 +364,14 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
                                                         tls=service.tls))
                 service.https_port = listeners[0].socket.getsockname()[1]
             log.info(
-                "purged ready: http %s, https %s, auth %s, %d nodes in %d data centres, journal %s",
+                "purged ready: http %s, https %s, auth %s, %d nodes in %d data centres, journal %s, bus %s",
                 f"{config.listen.http.host}:{service.http_port}" if config.listen.http else "off",
                 f"{config.listen.https.address.host}:{service.https_port}" if config.listen.https else "off",
                 f"{len(service.api.tokens)} tokens" if service.api.tokens is not None else "off (anonymous)",
                 len(service.senders),
                 len(config.datacenters),
                 f"{config.state_dir} ({config.durability})" if config.state_dir else "off",
+                f"nats stream {config.bus.nats.stream} as {config.name!r}" if config.bus else "off",
             )
             await nursery.start(systemd.serve_watchdog, service.driver.alive)
             systemd.ready(f"{len(service.senders)} nodes")

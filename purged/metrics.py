@@ -250,3 +250,53 @@ class SenderCollector(Collector):
             window.add_metric(labels, sender.window)
             node_window.add_metric(labels, sender.node_window)
         yield from (opened, fallbacks, window, node_window)
+
+
+class BusCollector(Collector):
+    """A fleet member's bus counters (docs/fleet.md): publishes, consumption, redeliveries, the connection, and
+    every daemon's consumer lag as of the last look at the stream (every few seconds)."""
+
+    def __init__(self, fleet: Any):
+        self._fleet = fleet  # purged.net.fleet.Fleet
+
+    def collect(self) -> Iterator[Any]:
+        fleet = self._fleet
+        bus = fleet.bus
+        s = bus.stats
+        yield CounterMetricFamily("purged_bus_published_messages", "Messages stored by the stream (acked)",
+                                  value=s.published_messages)
+        yield CounterMetricFamily("purged_bus_published_urls", "Purges published to the stream", value=s.published_urls)
+        failures = CounterMetricFamily("purged_bus_publish_failures",
+                                       "Publishes that failed (the client got 503 bus_unavailable), by reason",
+                                       labels=["reason"])
+        for reason, count in sorted(s.publish_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        hist = HistogramMetricFamily("purged_bus_publish_seconds",
+                                     "From publishing a batch to the stream's ack (all its messages)")
+        hist.add_metric([], [("+Inf" if b == float("inf") else repr(b), n) for b, n in s.publish_seconds.cumulative()],
+                        s.publish_seconds.total)
+        yield hist
+        yield CounterMetricFamily("purged_bus_consumed_messages", "Messages delivered to this daemon's consumer",
+                                  value=s.consumed_messages)
+        yield CounterMetricFamily("purged_bus_consumed_urls", "Purges in the messages this daemon consumed",
+                                  value=s.consumed_urls)
+        yield CounterMetricFamily("purged_bus_redelivered", "Messages delivered again (at-least-once: not acked "
+                                  "in time, or a restart)", value=s.redelivered)
+        yield CounterMetricFamily("purged_bus_acked", "Messages acked once done on every local node", value=s.acked)
+        bad = CounterMetricFamily("purged_bus_bad_messages", "Unreadable messages, terminated, by reason",
+                                  labels=["reason"])
+        for reason, count in sorted(s.bad_messages.items()):
+            bad.add_metric([reason], count)
+        yield bad
+        yield GaugeMetricFamily("purged_bus_held_messages", "Messages consumed and not yet done on every local node",
+                                value=len(fleet.held))
+        yield GaugeMetricFamily("purged_bus_connected", "1 while connected to the bus with the stream set up",
+                                value=1 if bus.connected else 0)
+        yield CounterMetricFamily("purged_bus_disconnects", "Times the bus connection was lost", value=s.disconnects)
+        lag = GaugeMetricFamily("purged_fleet_consumer_lag",
+                                "Stream messages a daemon has not acked yet (last sequence minus its ack floor)",
+                                labels=["daemon"])
+        for daemon, value in sorted(fleet.lags().items()):
+            lag.add_metric([daemon], value)
+        yield lag

@@ -72,6 +72,101 @@ def test_a_status_the_node_keeps_refusing_counts_too_and_an_answer_clears_the_co
     assert e.nodes["b"].stats.dropped == {"poison": 1} and e.backlog("b") == 0
 
 
+def rounds(e, node, answer, now, last=None):
+    """One retry round at ``now``: take what is due, answer each ``(ident, target)`` with ``answer(target)``
+    (a status, or "reset": the connection fails with it first unanswered), ``last`` after the others (as on
+    another connection). Returns the targets sent."""
+    e.handle_timer(now)
+    sent = e.take(node, 100, now)
+    for ident, target in sorted(sent, key=lambda s: s[1] == last):
+        verdict = answer(target)
+        if verdict == "reset":
+            e.fail(node, [ident], "reset", now)
+        else:
+            e.ack(node, ident, verdict, now)
+    return [t for _, t in sent]
+
+
+def test_strikes_gathered_during_an_outage_do_not_count_once_the_node_is_back():
+    """The finding of docs/reliability.md (scenario B'): a 503 storm longer than poison_after rounds, then the
+    node is back but the storm's tail still fails some purges right after its first successes."""
+    e = Engine(tiers(), now=0.0, policy=Policy(poison_after=3, retry_initial=0.1, retry_max=0.1, down_after=99),
+               rng=random.Random(1))
+    e.submit([f"h/{i}" for i in range(6)], 0.0)
+    for now in range(8):  # eight rounds of nothing but 503s
+        assert len(rounds(e, "b", lambda t: 503, float(now))) == 6
+    node = e.nodes["b"]
+    assert max(s[0] for s in node.suspects.values()) <= 1  # only the first failure after a success
+    # Back: the first answers are 200s, the storm's tail still 503s the others (a pipeline on its way).
+    rounds(e, "b", lambda t: 200 if t in ("h/0", "h/1") else 503, 10.0)
+    assert not node.stats.dropped and e.backlog("b") == 4
+    rounds(e, "b", lambda t: 200, 11.0)
+    assert e.backlog("b") == 0 and not node.stats.dropped and not node.suspects
+
+
+def test_a_purge_failing_while_the_node_answers_others_is_set_aside_after_exactly_poison_after_strikes():
+    """Outages in between (other purges fail too) add no strikes; each round in which the node answers others
+    and fails it adds one."""
+    e = Engine(tiers(), now=0.0, policy=Policy(poison_after=3, retry_initial=0.1, retry_max=0.1, down_after=99),
+               rng=random.Random(1))
+    e.submit(["h/poison"], 0.0)
+    poison = e.lanes[1].log.index["h/poison"] << 1 | 1
+    now, strikes = 0.0, []
+    for i in range(3):
+        for j in range(3):  # a node-wide outage first: the poison and fresh purges all fail
+            e.submit([f"h/outage{i}.{j}"], now)
+            rounds(e, "b", lambda t: 503, now, last="h/poison")
+            now += 1.0
+        strikes.append(e.nodes["b"].suspects.get(poison, (0,))[0])
+        e.submit([f"h/good{i}"], now)
+        # The node is back and answers everything else: one strike.
+        rounds(e, "b", lambda t: 503 if t == "h/poison" else 200, now, last="h/poison")
+        now += 1.0
+    events = e.events()
+    assert strikes == [0, 1, 2]  # the outages added none (their first failure, after a success, was another's)
+    assert [(s.target, s.failures) for s in events.set_aside] == [("h/poison", 3)]
+    assert e.nodes["b"].stats.dropped == {"poison": 1} and e.backlog("b") == 0
+
+
+def test_a_lone_purge_through_an_outage_waits_and_a_lone_poison_is_set_aside_once_others_pass():
+    """With nothing else to send, a purge the node keeps failing is indistinguishable from an outage: it gathers
+    strikes but is not set aside before the node answered something else; one that did pass then sets it aside."""
+    e = Engine(tiers(), now=0.0, policy=Policy(poison_after=3, retry_initial=0.1, retry_max=0.1, down_after=99),
+               rng=random.Random(1))
+    e.submit(["h/lone"], 0.0)
+    for now in range(6):
+        rounds(e, "b", lambda t: "reset", float(now))
+    assert e.backlog("b") == 1 and not e.nodes["b"].stats.dropped
+    e.submit(["h/other"], 6.0)
+    rounds(e, "b", lambda t: "reset" if t == "h/lone" else 200, 6.0)
+    rounds(e, "b", lambda t: "reset" if t == "h/lone" else 200, 7.0)
+    assert e.nodes["b"].stats.dropped == {"poison": 1} and e.backlog("b") == 0
+
+
+def test_two_poisons_side_by_side_are_both_set_aside():
+    """The second of two failures in a row gets no strike from the first rule (the node's previous outcome was
+    a failure), but from the second: the node answered others since it last failed."""
+    e = Engine(tiers(), now=0.0, policy=Policy(poison_after=3, retry_initial=0.1, retry_max=0.1, down_after=99),
+               rng=random.Random(1))
+    e.submit(["h/p1", "h/p2"], 0.0)
+    for now in range(6):
+        e.submit([f"h/good{now}"], float(now))
+        rounds(e, "b", lambda t: 503 if t in ("h/p1", "h/p2") else 200, float(now))
+    assert e.nodes["b"].stats.dropped == {"poison": 2} and e.backlog("b") == 0
+    assert sorted(s.target for s in e.events().set_aside) == ["h/p1", "h/p2"]
+
+
+def test_a_node_that_restarts_resetting_every_connection_sets_nothing_aside():
+    e = Engine(tiers(), now=0.0, policy=Policy(poison_after=2, retry_initial=0.1, retry_max=0.1, down_after=99),
+               rng=random.Random(1))
+    e.submit([f"h/{i}" for i in range(4)], 0.0)
+    rounds(e, "b", lambda t: 200 if t == "h/0" else "reset", 0.0)  # answered one, then went away
+    for now in range(1, 6):
+        rounds(e, "b", lambda t: "reset", float(now))
+    rounds(e, "b", lambda t: 200, 10.0)
+    assert e.backlog("b") == 0 and not e.nodes["b"].stats.dropped
+
+
 def test_poison_after_zero_retries_forever():
     e = Engine(tiers(), now=0.0, policy=Policy(poison_after=0, retry_initial=0.1, retry_max=0.1, down_after=99),
                rng=random.Random(1))

@@ -138,13 +138,33 @@ class Admission:
         accepted). ``journal_error`` is the journal's failure reason while it cannot write; ``bare_host`` reads
         a URL without a slash as a host (HTCP); ``token`` (the API token that authorised the request) applies
         its ``rate`` and, for ``priority="high"``, its ``rate_high``."""
+        checked = self.screen(urls, source=source, now=now, client=client, priority=priority,
+                              journal_error=journal_error, bare_host=bare_host, token=token)
+        if not checked.targets:
+            return Admitted(None, checked.rejected)
+        return Admitted(self.engine.submit(checked.targets, now, source, priority), checked.rejected)
+
+    def screen(
+        self,
+        urls: list[Any],
+        *,
+        source: str,
+        now: float,
+        client: str | None = None,
+        priority: str = "bulk",
+        journal_error: str | None = None,
+        bare_host: bool = False,
+        token: Token | None = None,
+    ) -> Validated:
+        """Every rule of :meth:`admit` without the submit: the valid targets to accept (a fleet publishes them
+        to its stream instead), the per-URL rejections, or :class:`Refused`. Rejections are counted."""
         engine = self.engine
         checked = validate_urls(urls, self._bare_rules if bare_host else self.rules)
         for reason, count in checked.reasons().items():
             engine.reject(source, reason, count)
         count = len(checked.targets)
         if not count:
-            return Admitted(None, checked.rejected)
+            return checked
         try:
             self._check(count, source, client, now, journal_error)
             if token is not None:
@@ -153,7 +173,7 @@ class Admission:
         except Refused as exc:
             engine.reject(source, exc.reason, count)
             raise
-        return Admitted(engine.submit(checked.targets, now, source, priority), checked.rejected)
+        return checked
 
     def _check(self, count: int, source: str, client: str | None, now: float, journal_error: str | None) -> None:
         if journal_error is not None:

@@ -263,13 +263,14 @@ class Engine:
             lane.cursors[name].finish(seq)
             moved |= 1 << li
             oks += 1
-        if oks:
-            hist.total += latency
+            # Per answer, not once per read: the poison rule (_suspect) reads these between answers.
             node.failures = 0
-            node.oks += oks
+            node.oks += 1
             if node.down:
                 node.down = False
                 self._out.wake.add(name)  # out of probing: a full window again
+        if oks:
+            hist.total += latency
         if moved:
             for li, lane in enumerate(lanes):
                 if moved >> li & 1:
@@ -296,32 +297,42 @@ class Engine:
         node.stats.errors[kind] = node.stats.errors.get(kind, 0) + 1
         self._failed(node, now)
         suspect = next((i for i in idents if i in node.inflight), None)
-        if suspect is not None and self._suspect(node, suspect, now):
+        if suspect is None:
+            node.last_failure = (None, node.oks)  # no request to blame (connect, idle timeout): node-wide
+        elif self._suspect(node, suspect, now):
             suspect = None
         for ident in idents:
             if ident in node.inflight:
                 self._schedule_retry(node, ident, now)
 
     def _suspect(self, node: Node, ident: int, now: float) -> bool:
-        """Count one more failure that followed ``ident`` on ``node``; past ``poison_after`` set it aside for
-        that node (DESIGN.md guarantee 4: one bad purge never holds a lane or a tier gate forever).
+        """Count a failure that followed ``ident`` on ``node``; at ``poison_after`` strikes set it aside for that
+        node (DESIGN.md guarantee 4: one purge a node singles out never holds a lane or a tier gate forever).
 
-        Only once the node answered some other purge since this one first failed: a node failing everything
-        (a 503 storm, a restart) is a node problem, retried without limit, not a poison purge."""
+        A failure is a strike only while the node is not failing everything: no other purge failed on it since
+        its last success, or it answered some other purge since this one last failed. A node failing every
+        purge it gets (a 503 storm, a restart, a stall) thus gives at most the first of them a strike, and
+        strikes gathered before an outage do not turn its tail into drops. The purge is set aside only once
+        the node answered some other purge since this one first failed: a lone purge through an outage waits."""
+        last = node.last_failure  # (the only purge that failed since the last success, or None: several; oks)
+        fresh = last is None or last[1] != node.oks  # a success since the node's last failure
+        alone = fresh or last[0] == ident
+        node.last_failure = (ident if alone else None, node.oks)
         limit = self.policy.poison_after
         if not limit:
             return False
-        count, oks = node.suspects.get(ident, (0, node.oks))
-        count += 1
-        if count < limit or node.oks == oks:
-            node.suspects[ident] = (count, oks)
+        strikes, first_oks, last_oks = node.suspects.get(ident, (0, node.oks, node.oks))
+        if alone or node.oks != last_oks:
+            strikes += 1
+        if strikes < limit or node.oks == first_oks:
+            node.suspects[ident] = (strikes, first_oks, node.oks)
             return False
         del node.suspects[ident]
         node.inflight.discard(ident)
         lane = self.lanes[ident & 1]
         seq = ident >> 1
         node.stats.dropped["poison"] = node.stats.dropped.get("poison", 0) + 1
-        self._out.set_aside.append(SetAside(node.name, lane.log.get(seq).target, count))
+        self._out.set_aside.append(SetAside(node.name, lane.log.get(seq).target, strikes))
         self._out.wake.add(node.name)
         self._finish(node, lane, seq, now)
         return True

@@ -31,7 +31,7 @@ class Policy:
     max_lag: int = 0  # a node owing more purges than this is declared out of sync
     max_age: float = 0.0  # purges older than this when a node reaches them are dropped for it
     recent_batches: int = 100_000
-    poison_after: int = 5  # failures following the same purge on a node before it is set aside (0: never)
+    poison_after: int = 5  # strikes against the same purge on a node before it is set aside (0: never)
 
 
 @dataclass
@@ -57,8 +57,10 @@ class Node:
         self.inflight: set[int] = set()
         self.retries: list[tuple[float, int]] = []  # heap of (due, id): retries and dedup deferrals
         self.deferred: dict[str, int] = {}  # target -> id waiting in ``retries`` for its dedup window to end
-        # id -> (failures that followed it in a row, ``oks`` at its first): see Policy.poison_after
-        self.suspects: dict[int, tuple[int, int]] = {}
+        # Engine._suspect: id -> (strikes, ``oks`` at its first failure, ``oks`` at its last failure), and the
+        # node's last failure: (the only purge that failed since its last success, None if several; ``oks``)
+        self.suspects: dict[int, tuple[int, int, int]] = {}
+        self.last_failure: tuple[int | None, int] | None = None
         self.oks = 0  # purges this node acknowledged
         self.failures = 0  # consecutive
         self.down = False

@@ -1,7 +1,9 @@
 """Trio adapter: the HTTP API's routes, scopes and audit log (connections are :mod:`purged.net.http_server`).
 
 Routes: ``POST /v1/purge``, ``GET /v1/purge/{id}[?wait=S]``, ``POST /sys/purge/`` (change-propagation),
-``PURGE /path`` with a Host header (operators' curl), ``GET /metrics``, ``GET /healthz``. Every error is JSON
+``PURGE /path`` with a Host header (operators' curl), ``GET /metrics``, ``GET /healthz``, and in a fleet
+``GET /v1/fleet`` and ``DELETE /v1/fleet/{daemon}`` (scope ``admin``: retire a daemon). In a fleet (:mod:`purged.net.fleet`) accepted batches are published to the stream, and a
+fleet id (``s1234``) answers for every daemon. Every error is JSON
 ``{"error": reason, "detail": ...}`` with its status. Body decoding and URL validation live in the core
 (:mod:`purged.core.ingest`), tokens and scopes in :mod:`purged.core.auth`; this module maps requests to them.
 
@@ -19,12 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
 import trio
 
 from ..core.admission import Admitted, Refused
 from ..core.auth import Token, TokenTable, authorize, require
 from ..core.errors import InvalidURL, PurgedError
+from ..core.fleet import is_fleet_id
 from ..core.ingest import decode_purge_body, decode_resource_changes
 from ..core.limits import TokenBucket
 from ..core.urls import validate_host
@@ -48,6 +52,16 @@ class Purges(Protocol):
                      priority: str = "bulk", token: Token | None = None) -> Admitted: ...
     def batch_status(self, batch_id: str) -> BatchStatus | None: ...
     async def wait_batch(self, batch_id: str, timeout: float) -> BatchStatus | None: ...
+
+
+class FleetPort(Protocol):
+    """What the API needs of the fleet (``purged.net.fleet.Fleet`` provides it)."""
+
+    async def accept(self, urls: list[Any], source: str, *, client: str | None = None,
+                     priority: str = "bulk", token: Token | None = None) -> Admitted: ...
+    async def status(self, fleet_id: str, wait: float) -> dict: ...
+    async def fleet_json(self) -> dict: ...
+    async def retire(self, daemon: str) -> dict: ...
 
 
 class HTTPError(PurgedError):
@@ -108,8 +122,9 @@ class API:
 
     def __init__(self, purges: Purges, limits: Limits, *, health: Callable[[], dict],
                  metrics: Callable[[str], tuple[bytes, str]], tokens: TokenTable | None = None,
-                 allow: tuple = (), protect_metrics: bool = False):
+                 allow: tuple = (), protect_metrics: bool = False, fleet: FleetPort | None = None):
         self.purges = purges
+        self.fleet = fleet  # None: one daemon alone; else batches are published and ids are fleet ids
         self.limits = limits
         self.health = health
         self.metrics = metrics
@@ -161,6 +176,16 @@ class API:
         if path in ("/sys/purge/", "/sys/purge"):
             self._allow(req, "POST")
             return await self._sys_purge(req)
+        if path == "/v1/fleet":
+            self._allow(req, "GET")
+            if self.fleet is None:
+                raise HTTPError(404, "no_fleet", "this daemon has no bus: it is not part of a fleet")
+            return json_response(200, await self.fleet.fleet_json())
+        if path.startswith("/v1/fleet/"):
+            self._allow(req, "DELETE")
+            if self.fleet is None:
+                raise HTTPError(404, "no_fleet", "this daemon has no bus: it is not part of a fleet")
+            return json_response(200, await self.fleet.retire(unquote(path[len("/v1/fleet/"):])))
         if path == "/metrics":
             self._allow(req, "GET")
             body, content_type = self.metrics(req.headers.get("accept", ""))
@@ -182,8 +207,8 @@ class API:
         try:
             # With a journal, this returns once the batch is as durable as `durability` promises (or raises a
             # 503 JournalError): the 2xx the caller answers is that promise (docs/durability.md).
-            admitted = await self.purges.accept(urls, source, client=req.client, priority=priority,
-                                                token=req.token)
+            intake = self.fleet if self.fleet is not None else self.purges
+            admitted = await intake.accept(urls, source, client=req.client, priority=priority, token=req.token)
         except Refused as exc:
             headers = [] if exc.retry_after is None else [("Retry-After", str(max(1, round(exc.retry_after))))]
             raise HTTPError(exc.status, exc.reason, exc.detail, headers) from None
@@ -224,6 +249,12 @@ class API:
         if target.startswith("/"):
             host = req.headers.get("host", "")
             try:
+                # The head is read as latin-1; a non-ASCII Host is UTF-8 (curl sends it so), and IDNA-encoding
+                # its latin-1 reading would purge another host.
+                host = host.encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPError(400, "bad_host", "Host header: not UTF-8") from None
+            try:
                 url = "http://" + validate_host(host) + target
             except InvalidURL as exc:
                 raise HTTPError(400, exc.reason, f"Host header: {exc.detail}") from None
@@ -249,6 +280,8 @@ class API:
             if not 0 <= wait < float("inf"):
                 raise HTTPError(400, "bad_wait", "wait must be a non-negative number of seconds")
         wait = min(wait, self.limits.max_wait)
+        if self.fleet is not None and is_fleet_id(batch_id):
+            return json_response(200, await self.fleet.status(batch_id, wait))
         if self.purges.batch_status(batch_id) is None:
             raise HTTPError(404, "unknown_batch", f"no batch {batch_id!r} (unknown, or too old to remember)")
         status = await self.purges.wait_batch(batch_id, wait)
@@ -264,8 +297,10 @@ def _route_scopes(req: Request, protect_metrics: bool) -> tuple[str, ...] | None
         return ("purge:high",)
     if path == "/v1/purge" or path in ("/sys/purge/", "/sys/purge"):
         return ("purge",)
-    if path.startswith("/v1/purge/"):
+    if path.startswith("/v1/purge/") or path == "/v1/fleet":
         return ("read", "purge", "purge:high")
+    if path.startswith("/v1/fleet/"):
+        return ("admin",)
     if path in OPEN_PATHS:
         return ("read",) if protect_metrics else None
     return ()

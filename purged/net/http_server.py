@@ -29,6 +29,7 @@ import trio
 
 from ..core.errors import PurgedError
 from .http_api import API, HTTPError, Request, Response, error_response
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("purged.http")
 
@@ -38,6 +39,7 @@ STOP_GRACE = 10.0  # on stop, requests already being read or handled get this lo
 CONNECTION_RESERVE = 64  # connections past max_connections that may still ask /healthz or /metrics
 ACCEPT_PAUSE = 0.1  # seconds accepting pauses after EMFILE/ENFILE
 ACCEPT_LOG_INTERVAL = 60.0
+_refused_log = RateLimitedLog(log)  # one line per status per 10 s: a hostile client cannot flood the log
 CLOSE_GRACE = 1.0  # a TLS close_notify gets this long
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -227,7 +229,7 @@ async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, api: API, pee
         log.exception("unexpected error handling a request from %s", peer)
         resp = error_response(HTTPError(500, "internal_error", "unexpected error; see the daemon's log"))
     if resp.status >= 400 and resp.status not in (401, 404, 429, 503):
-        log.info("%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
+        _refused_log.info(str(resp.status), "%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return False
     if conn.their_state is not h11.DONE or api.stopping.is_set() or over_capacity:

@@ -24,6 +24,7 @@ from ..core.errors import DecodeError
 from ..core.htcp import decode_clr
 from ..core.udploss import LossTracker
 from ..core.urls import DEFAULT_MAX_LENGTH
+from .ratelog import RateLimitedLog as _RateLimitedLog
 
 log = logging.getLogger("purged.multicast")
 
@@ -31,7 +32,6 @@ SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)  # Linux; the stdlib does not exp
 SK_MEMINFO_DROPS = 8  # index of the socket's drop counter in SO_MEMINFO (Linux >= 4.7)
 IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
 MAX_DRAIN = 2048  # datagrams per wakeup before ingest runs and other tasks get a turn
-LOG_INTERVAL = 10.0
 LINGER = 0.002  # 2 ms: next to a purge's journey (~1 s tier delay) nothing, to the CPU a lot
 
 PACKET_STATES = ("good", "bad", "filtered")
@@ -72,28 +72,6 @@ class MulticastStats:
         loss = self.loss.statistics()
         out |= {f"loss_{k}": v for k, v in loss.items() if k != "per_source"}
         return out
-
-
-class _RateLimitedLog:
-    """At most one line per ``interval`` seconds per reason; the next line says how many were suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float = LOG_INTERVAL):
-        self._log = logger
-        self._interval = interval
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, reason: str, msg: str, *args: object) -> None:
-        now = trio.current_time()
-        if now < self._next.get(reason, -1.0):
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        self._next[reason] = now + self._interval
-        skipped = self._suppressed.pop(reason, 0)
-        if skipped:
-            msg += " (%d more like this suppressed)"
-            args = (*args, skipped)
-        self._log.warning(msg, *args)
 
 
 def open_multicast_socket(listen: MulticastListen, key: str) -> socket.socket:

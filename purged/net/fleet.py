@@ -1,0 +1,387 @@
+"""Trio adapter: this daemon as a member of a fleet on a replicated stream (docs/fleet.md).
+
+Three duties, over the :class:`~purged.net.bus.NatsBus` and the local :class:`~purged.net.driver.Driver`:
+
+- **Publish** (the API's purges port in fleet mode): a batch goes through the one admission path
+  (:meth:`Admission.screen`: URLs, limits, tokens), is published to the stream, and the API answers 2xx only
+  once JetStream stored it; its id is the stream sequence (``s1234``, or ``s1234-1236`` when split). It is
+  not submitted locally: this daemon gets it back through its own consumer like every other daemon.
+- **Consume**: pull this daemon's durable consumer, submit each batch to the local engine (waiting, never
+  dropping, while the local log is full), and ack a message only once its batch is done on every local node:
+  the consumer's ack floor is then this daemon's delivered position. Held messages get ``in_progress``
+  heartbeats so that ``ack_wait`` does not expire while nodes are slow.
+- **Status**: a fleet id is done once every durable consumer's ack floor passed its last sequence;
+  ``GET /v1/fleet`` lists the daemons with their lag.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..core.admission import Admitted, Refused
+from ..core.auth import Token
+from ..core.engine import Receipt
+from ..core.errors import PurgedError
+from ..core.fleet import (
+    BadMessage,
+    ConsumerPosition,
+    daemon_progress,
+    decode_message,
+    encode_batch,
+    fleet_progress,
+    fleet_table,
+    format_fleet_id,
+    parse_fleet_id,
+)
+from ..core.status import batch_status
+from .bus import BusUnavailable, NatsBus
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+log = logging.getLogger("purged.fleet")
+
+BUS_RETRY_AFTER = 2.0  # seconds a client is told to wait when the bus cannot take its batch
+VIEW_MAX_AGE = 0.2  # status requests share one look at the consumers' positions this fresh
+WAIT_POLL = 0.25  # a ?wait= on a fleet id looks again this often
+MONITOR_INTERVAL = 5.0  # the consumer lag metrics are this old at most
+RECENT = 100_000  # fleet sequences whose local batch id (and accepted/priority) this daemon remembers
+BAD_LOG_INTERVAL = 10.0
+
+
+@dataclass
+class Held:
+    """A message whose batch is in the local engine and not yet done on every local node."""
+
+    msg: Any
+    seq: int
+    lane: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What this daemon knows about a fleet sequence: its local batch (if consumed) and the batch's size."""
+
+    local_id: str | None
+    accepted: int
+    priority: str
+
+
+@dataclass
+class View:
+    at: float
+    last_seq: int
+    consumers: list[ConsumerPosition]
+
+
+class Fleet:
+    def __init__(self, driver: Driver, bus: NatsBus, *, name: str):
+        self.driver = driver
+        self.bus = bus
+        self.name = name
+        self.held: dict[int, Held] = {}  # stream seq -> held message
+        self._heaps: list[list[tuple[int, int]]] = [[] for _ in driver.engine.lanes]  # per lane (hi, seq)
+        self._waiting: Any = None  # the message waiting for local capacity (heartbeats cover it too)
+        self.known: OrderedDict[int, Known] = OrderedDict()
+        self._acked: OrderedDict[int, None] = OrderedDict()  # recently acked seqs: a redelivery is acked again
+        self._view: View | None = None
+        self._view_lock = trio.Lock()
+        self.waiters = 0
+        self.local_rejected = 0
+        self._bad_logged = 0.0
+        bus.before_close.append(self._release_held)
+
+    # -- publish ---------------------------------------------------------------------------------------------
+
+    async def accept(self, urls: list[Any], source: str, *, client: str | None = None,
+                     priority: str = "bulk", token: Token | None = None) -> Admitted:
+        driver = self.driver
+        checked = driver.admission.screen(urls, source=source, now=trio.current_time(), client=client,
+                                          priority=priority, token=token)
+        targets = checked.targets
+        if not targets:
+            return Admitted(None, checked.rejected)
+        try:
+            payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
+                                    max_payload=self.bus.max_payload)
+            seqs = await self.bus.publish(payloads, len(targets))
+        except BusUnavailable as exc:
+            driver.engine.reject(source, "bus_unavailable", len(targets))
+            raise Refused(exc.detail, reason="bus_unavailable", status=503, retry_after=BUS_RETRY_AFTER) from None
+        self._remember(seqs[-1], Known(None, len(targets), priority))
+        return Admitted(Receipt(format_fleet_id(seqs[0], seqs[-1]), len(targets), 0), checked.rejected)
+
+    def _remember(self, seq: int, known: Known) -> None:
+        self.known[seq] = known
+        self.known.move_to_end(seq)
+        while len(self.known) > RECENT:
+            self.known.popitem(last=False)
+
+    # -- consume ---------------------------------------------------------------------------------------------
+
+    async def serve_intake(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Pull this daemon's consumer and submit each batch locally; stops on SIGTERM (an intake)."""
+        task_status.started()
+        await self.bus.ready.wait()
+        batch = self.bus.settings.fetch_batch
+        while True:
+            # Never more held than the consumer may have unacked: past it the server sends nothing anyway.
+            if len(self.held) >= self.bus.settings.max_ack_pending:
+                await self.driver.wait_progress(1.0)
+                continue
+            for msg in await self.bus.fetch(batch):
+                await self._deliver(msg)
+
+    async def serve_acks(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Ack held messages as their batches finish on every local node; heartbeat the rest."""
+        task_status.started()
+        beat_every = self.bus.settings.ack_wait / 3
+        next_beat = trio.current_time() + beat_every
+        while True:
+            await self.driver.wait_progress(min(1.0, beat_every))
+            self._ack_done()
+            now = trio.current_time()
+            if now >= next_beat:
+                next_beat = now + beat_every
+                for held in self.held.values():
+                    self.bus.in_progress(held.msg)
+                if self._waiting is not None:
+                    self.bus.in_progress(self._waiting)
+
+    async def serve_monitor(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Refresh the fleet view every few seconds (the lag metrics read it)."""
+        task_status.started()
+        await self.bus.ready.wait()
+        while True:
+            try:
+                await self.view(MONITOR_INTERVAL / 2)
+            except BusUnavailable:
+                pass
+            await trio.sleep(MONITOR_INTERVAL)
+
+    def _ack_done(self) -> None:
+        lanes = self.driver.engine.lanes
+        for li, heap in enumerate(self._heaps):
+            if not heap:
+                continue
+            floor = lanes[li].floor()
+            while heap and heap[0][0] <= floor:
+                _, seq = heapq.heappop(heap)
+                held = self.held.pop(seq, None)
+                if held is not None:
+                    self._ack(held.msg, seq)
+
+    def _ack(self, msg: Any, seq: int) -> None:
+        self.bus.ack(msg)
+        self._acked[seq] = None
+        if len(self._acked) > 10_000:
+            self._acked.popitem(last=False)
+
+    async def _deliver(self, msg: Any) -> None:
+        bus, stats = self.bus, self.bus.stats
+        try:
+            meta = msg.metadata
+            seq, delivered = meta.sequence.stream, meta.num_delivered
+        except Exception:  # not a JetStream message: nothing to ack
+            self._bad("no_metadata", None)
+            return
+        stats.consumed_messages += 1
+        if delivered > 1:
+            stats.redelivered += 1
+        held = self.held.get(seq)
+        if held is not None:  # redelivered while still held (a heartbeat came late): ack this delivery later
+            held.msg = msg
+            return
+        if seq in self._acked:  # our ack was lost: ack again, do not resend
+            self._ack(msg, seq)
+            return
+        try:
+            batch = decode_message(msg.data)
+        except BadMessage as exc:
+            self._bad(exc.reason, seq)
+            bus.term(msg)
+            return
+        stats.consumed_urls += len(batch.urls)
+        receipts = await self._submit(msg, batch.urls, batch.priority)
+        if not receipts:  # no URL valid here: nothing owed
+            self.local_rejected += 1
+            self._remember(seq, Known(None, batch.total, batch.priority))
+            self._ack(msg, seq)
+            return
+        engine = self.driver.engine
+        hi, lane = 0, 1
+        for receipt in receipts:
+            b = engine.batches.get(receipt.batch_id)
+            if b is not None:
+                lane, hi = b.lane, max(hi, b.hi)
+        self._remember(seq, Known(receipts[-1].batch_id, batch.total, batch.priority))
+        self.held[seq] = Held(msg, seq, lane, hi)
+        heapq.heappush(self._heaps[lane], (hi, seq))
+        self._ack_done()
+
+    async def _submit(self, msg: Any, urls: list[str], priority: str) -> list[Receipt]:
+        """Submit to the local engine, waiting while it is full (local ``max_pending``, a journal that cannot
+        write). A batch larger than the whole local ceiling goes in halves once the log is empty."""
+        driver = self.driver
+        self._waiting = msg
+        try:
+            while True:
+                try:
+                    admitted = driver.ingest(urls, "bus", priority=priority)
+                except Refused as exc:
+                    if exc.reason == "overload" and driver.engine.unique_pending() == 0 and len(urls) > 1:
+                        half = len(urls) // 2
+                        return (await self._submit(msg, urls[:half], priority)
+                                + await self._submit(msg, urls[half:], priority))
+                    await driver.wait_progress(min(1.0, exc.retry_after or 1.0))
+                    continue
+                return [] if admitted.receipt is None else [admitted.receipt]
+        finally:
+            self._waiting = None
+
+    def _bad(self, reason: str, seq: int | None) -> None:
+        bad = self.bus.stats.bad_messages
+        bad[reason] = bad.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._bad_logged >= BAD_LOG_INTERVAL:
+            self._bad_logged = now
+            log.warning("bus: message %s is unreadable (%s); terminated, counted in "
+                        "purged_bus_bad_messages_total", seq, reason)
+
+    def _release_held(self) -> None:
+        """Stopping: give back what is not done, so the next run gets it at once (not after ack_wait)."""
+        for held in self.held.values():
+            self.bus.nak(held.msg)
+        self.held.clear()
+
+    # -- status ----------------------------------------------------------------------------------------------
+
+    async def view(self, max_age: float = VIEW_MAX_AGE) -> View:
+        """The stream head and every consumer's position, at most ``max_age`` seconds old (one request shared
+        by every status waiting at the same time)."""
+        async with self._view_lock:
+            now = trio.current_time()
+            if self._view is None or now - self._view.at > max_age:
+                last_seq, consumers = await self.bus.positions()
+                self._view = View(trio.current_time(), last_seq, consumers)
+            return self._view
+
+    async def status(self, fleet_id: str, wait: float) -> dict:
+        """``GET /v1/purge/{fleet id}``: done on every daemon? Waits up to ``wait`` seconds for it."""
+        first, last = parse_fleet_id(fleet_id)
+        view = await self._checked_view()
+        if last > view.last_seq:
+            raise PurgedError(f"no batch {fleet_id!r}: the stream ends at {view.last_seq}",
+                              reason="unknown_batch", status=404)
+        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+        if not done and wait > 0 and self.waiters < self.driver.max_waiters:
+            self.waiters += 1
+            try:
+                with trio.move_on_after(wait):
+                    while not done:
+                        await trio.sleep(WAIT_POLL)
+                        try:
+                            view = await self.view()
+                        except BusUnavailable:  # a stream server failing over: ask again, keep the last view
+                            continue
+                        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+            finally:
+                self.waiters -= 1
+        return await self._status_json(fleet_id, first, last, view)
+
+    async def _checked_view(self) -> View:
+        try:
+            return await self.view()
+        except BusUnavailable as exc:
+            raise PurgedError(exc.detail, reason="bus_unavailable", status=503) from None
+
+    async def _status_json(self, fleet_id: str, first: int, last: int, view: View) -> dict:
+        done, daemons = fleet_progress(last, view.last_seq, view.consumers)
+        out_daemons = {name: asdict(p) for name, p in daemons.items()}
+        local = self._local_detail(first, last)
+        if self.name in out_daemons and local is not None:
+            out_daemons[self.name]["datacenters"] = local
+        known = self.known.get(last)
+        accepted, priority = (known.accepted, known.priority) if known is not None else await self._lookup(first)
+        return {"id": fleet_id, "done": done, "accepted": accepted, "priority": priority,
+                "datacenters": local or {}, "daemons": out_daemons}
+
+    async def _lookup(self, seq: int) -> tuple[int | None, str | None]:
+        data = await self.bus.get_message(seq)
+        if data is None:
+            return None, None
+        try:
+            msg = decode_message(data)
+        except BadMessage:
+            return None, None
+        return msg.total, msg.priority
+
+    def _local_detail(self, first: int, last: int) -> dict | None:
+        """Per data centre and tier, how many local nodes are done with the parts this daemon consumed."""
+        if last - first > 1000:
+            return None
+        merged: dict[str, dict[str, dict]] | None = None
+        engine = self.driver.engine
+        for seq in range(first, last + 1):
+            known = self.known.get(seq)
+            if known is None or known.local_id is None:
+                continue
+            st = batch_status(engine, known.local_id)
+            if st is None:
+                continue
+            detail = {dc: {t: asdict(p) for t, p in tiers.items()} for dc, tiers in st.datacenters.items()}
+            if merged is None:
+                merged = detail
+            else:
+                for dc, tiers in detail.items():
+                    for t, p in tiers.items():
+                        old = merged.setdefault(dc, {}).setdefault(t, p)
+                        old["done"] = min(old["done"], p["done"])
+        return merged
+
+    async def fleet_json(self) -> dict:
+        """``GET /v1/fleet``: every daemon (durable consumer) with its lag and last activity."""
+        view = await self._checked_view()
+        return {"stream": self.bus.settings.stream, "last_seq": view.last_seq, "self": self.name,
+                "bus": self.bus.state, "daemons": fleet_table(view.last_seq, view.consumers)}
+
+    async def retire(self, daemon: str) -> dict:
+        """``DELETE /v1/fleet/{daemon}``: delete a daemon's consumer (gone for good); 404 if unknown, 409 for
+        this very daemon (stop it first, then retire it from another)."""
+        if daemon == self.name:
+            raise PurgedError(f"{daemon!r} is this daemon: stop it, then retire it through another daemon",
+                              reason="retire_self", status=409)
+        self._view = None
+        view = await self._checked_view()
+        match = [p for p in view.consumers if p.daemon == daemon]
+        if not match:
+            raise PurgedError(f"no daemon {daemon!r} in stream {self.bus.settings.stream}", reason="unknown_daemon",
+                              status=404)
+        try:
+            await self.bus.delete_consumer(match[0].consumer)
+        except Exception as exc:
+            raise PurgedError(f"could not delete consumer {match[0].consumer}: {exc!r}", reason="bus_unavailable",
+                              status=503) from None
+        self._view = None
+        log.warning("fleet: retired daemon %r (consumer %s deleted)", daemon, match[0].consumer)
+        return {"retired": daemon, "consumer": match[0].consumer}
+
+    def health(self) -> dict:
+        """``/healthz``'s ``bus`` entry."""
+        return {"state": self.bus.state if self.bus.ready.is_set() or self.bus.state != "connected" else "setup",
+                "stream": self.bus.settings.stream, "consumer": self.bus.consumer, "held": len(self.held)}
+
+    def lags(self) -> dict[str, int]:
+        """Each daemon's lag from the last view (for the metrics; refreshed every few seconds)."""
+        view = self._view
+        if view is None:
+            return {}
+        return {pos.daemon: daemon_progress(view.last_seq, view.last_seq, pos).lag for pos in view.consumers}
