@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("purged.sender")
 
 RECEIVE_SIZE = 1 << 18  # one read takes everything the edge sent so far: fewer wake-ups, reads end between answers
+# After a read that emptied the socket with many answers still owed, let more arrive before the next one: an edge
+# answers a pipeline a few responses per write, and each read is a trio round (~10 us) whatever it carries. 1 ms
+# of latency on purges takes the reads from ~4 answers each to dozens (docs/benchmarks.md, issue 15).
+READ_PAUSE = 0.001
+PAUSE_OWED = 32  # answers owed for a pause to pay
 
 
 class SenderPort(Protocol):
@@ -189,6 +194,8 @@ class NodeSender:
                     answered += n
                     control.acked(n, answered_rtt(n, now), now)
                     space.set()
+                    if len(fifo) >= PAUSE_OWED and len(data) < RECEIVE_SIZE // 2:
+                        await trio.sleep(READ_PAUSE)
                     continue
                 answers = []
                 for resp in responses:
