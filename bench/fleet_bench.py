@@ -2,9 +2,11 @@
 simulation").
 
 **throughput** (loopback, no namespaces): a 3-server JetStream cluster (stream with 3 replicas), ``--tp-daemons``
-daemons each purging one stub node. ``--tp-posters`` threads post ``--tp-batches`` batches of ``--tp-batch``
-unique URLs (bodies encoded beforehand) to the first daemon's ``POST /v1/purge``: accepted URLs/s = URLs / (last
-2xx - first request). Delivery per daemon = URLs / (time its node had every URL - first request).
+daemons each purging ``--tp-nodes`` stub nodes (2: a cache host's ATS and Varnish, the per-host shape).
+``--tp-posters`` threads post ``--tp-batches`` batches of ``--tp-batch`` unique URLs (bodies encoded beforehand)
+to the first daemon's ``POST /v1/purge``: accepted URLs/s = URLs / (last 2xx - first request). Delivery per
+daemon = URLs / (time its nodes had every URL - first request, or - resume for a paused daemon). Two rounds:
+every daemon running, then the others paused (SIGSTOP) while posting.
 
 **simulation** (``netns_topology.Topology``): ``--dcs`` data centres as namespaces around a hub, ``--link-ms``
 one way per spoke (20: an 80 ms DC-to-DC round trip); 3 NATS servers in three of them (stream with 3
@@ -84,11 +86,13 @@ def throughput(args) -> list[str]:
     they work off the backlog, so their delivery rate there is a catch-up rate."""
     lines = []
     with NatsCluster([(None, "127.0.0.1")] * 3) as nats:
-        stubs = EdgeStubs("127.0.0.1", args.tp_daemons)
+        stubs = EdgeStubs("127.0.0.1", args.tp_daemons * args.tp_nodes)
+        n = args.tp_nodes
         daemons: list[FleetDaemon] = []
         try:
             for k in range(args.tp_daemons):
-                d = FleetDaemon(f"tp{k}", [stubs.nodes[k]], nats.urls, replicas=3, window=256, connections=2)
+                d = FleetDaemon(f"tp{k}", stubs.nodes[k * n : (k + 1) * n], nats.urls, replicas=3, window=256,
+                                connections=2)
                 daemons.append(d.start())
             for d in daemons:
                 d.wait_bus()
@@ -100,7 +104,7 @@ def throughput(args) -> list[str]:
             wait_total(stubs, {p: 10 for p in stubs.ports}, 30)
             lines.append(f"throughput (loopback, 3 NATS servers, stream replicas 3): {args.tp_batches} batches x "
                          f"{args.tp_batch:,} URLs by {args.tp_posters} posters to {daemons[0].name}; each daemon "
-                         f"purges one stub node")
+                         f"purges {args.tp_nodes} stub node(s) (2: the per-host shape, an ATS and a Varnish)")
             for paused in (False, True):
                 rows = throughput_round(args, stubs, daemons, f"{run}{'p' if paused else 'a'}", paused)
                 lines.append(f"  {'others paused (SIGSTOP) while posting' if paused else 'all daemons running'}:")
@@ -160,7 +164,8 @@ def throughput_round(args, stubs: EdgeStubs, daemons: list[FleetDaemon], run: st
     acc = total / (max(acked) - t0)
     rows = []
     for k, d in enumerate(daemons):
-        t = reached.get(stubs.ports[k])
+        mine = stubs.ports[k * args.tp_nodes : (k + 1) * args.tp_nodes]
+        t = max(reached[p] for p in mine) if all(p in reached for p in mine) else None
         start = t_resume if paused and k else t0
         rows.append([d.name + (" (posted to)" if k == 0 else " (paused)" if paused else ""),
                      f"{acc:,.0f}" if k == 0 else "", f"{total / (t - start):,.0f}" if t else "not all",
@@ -487,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp-batch", type=int, default=5000)
     p.add_argument("--tp-posters", type=int, default=4)
     p.add_argument("--tp-daemons", type=int, default=3)
+    p.add_argument("--tp-nodes", type=int, default=2, help="stub nodes per daemon in the throughput run")
     p.add_argument("--dcs", type=int, default=6)
     p.add_argument("--link-ms", type=float, default=20.0, help="one-way spoke delay (20: 80 ms DC-to-DC RTT)")
     p.add_argument("--nodes", type=int, default=50, help="stub nodes per DC (plus one varnishd)")

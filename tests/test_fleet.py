@@ -205,3 +205,56 @@ def test_bus_unreachable_is_503_bus_unavailable(tmp_path, varnish_node):
         assert varnish_node.purges() == []
     finally:
         daemon.stop()
+
+
+def test_split_batches_priority_and_a_small_local_ceiling(tmp_path):
+    """A batch above the server's max payload travels as several messages (id ``s<first>-<last>``); a daemon
+    whose local ``max_pending`` is below the batch size takes it in parts, waiting, and loses nothing; a
+    ``PURGE`` stays high priority on every daemon; a second daemon under a name that maps to the same
+    consumer is refused at start."""
+    cluster = NatsCluster(tmp_path / "nats", size=1, max_payload=64 * 1024).start()
+    nodes = [VarnishNode(tmp_path / f"edge{i}") for i in range(2)]
+    daemons: list[PurgedProcess] = []
+    try:
+        start_all(nodes)
+        ports = [free_port() for _ in range(3)]
+        a = _config(tmp_path / "a.yaml", "cp.a", nodes[0].address, ports[0], cluster.urls, replicas=1)
+        b = _config(tmp_path / "b.yaml", "cp.b", nodes[1].address, ports[1], cluster.urls, replicas=1)
+        cfg = yaml.safe_load(b.read_text())
+        cfg["limits"]["max_pending"] = 1000
+        b.write_text(yaml.safe_dump(cfg))
+        daemons += [PurgedProcess(a, ports[0], tmp_path), PurgedProcess(b, ports[1], tmp_path)]
+        for d in daemons:
+            d.wait_listening()
+        _wait_fleet(daemons[0].url, ["cp.a", "cp.b"])
+
+        batch = [f"http://h.test/split/{i:05d}/{'p' * 20}" for i in range(5000)]
+        fid = _post(daemons[0].url, batch)
+        first, _, last = fid[1:].partition("-")
+        assert last and int(last) > int(first), fid  # several messages
+        status = _status(daemons[1].url, fid, wait=30)
+        assert status["done"] is True and status["accepted"] == 5000, status
+        want = {u[len("http://h.test"):] for u in batch}
+        for node in nodes:
+            assert want <= {p.url for p in node.purges() if p.host == "h.test"}, node.name
+
+        r = httpx.request("PURGE", daemons[1].url + "/high/one", headers={"Host": "h.test"}, timeout=10)
+        assert r.status_code == 202, r.text
+        status = _status(daemons[0].url, r.json()["id"], wait=20)
+        assert status["done"] is True and status["priority"] == "high", status
+        text = httpx.get(daemons[0].url + "/metrics", timeout=5).text
+        assert 'purged_purges_accepted_total{source="bus"} 5001.0' in text
+
+        c = _config(tmp_path / "c.yaml", "cp_a", nodes[0].address, ports[2], cluster.urls, replicas=1)
+        imposter = PurgedProcess(c, ports[2], tmp_path)
+        assert imposter.proc.wait(30) == 1
+        imposter.wait(1)
+        assert "belongs to daemon 'cp.a'" in imposter.output()
+
+        daemons[1].signal(signal.SIGTERM)  # stops its intake, naks what it holds, exits cleanly
+        assert daemons[1].wait(20) == 0, daemons[1].output()[-2000:]
+    finally:
+        for d in daemons:
+            d.kill()
+        stop_all(nodes)
+        cluster.stop()

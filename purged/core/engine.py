@@ -313,7 +313,10 @@ class Engine:
         its last success, or it answered some other purge since this one last failed. A node failing every
         purge it gets (a 503 storm, a restart, a stall) thus gives at most the first of them a strike, and
         strikes gathered before an outage do not turn its tail into drops. The purge is set aside only once
-        the node answered some other purge since this one first failed: a lone purge through an outage waits."""
+        the node answered some other purge since this one first failed: a lone purge through an outage waits.
+
+        Callers report answers in the order the node gave them, each success counted in ``node.oks`` before the
+        next failure is judged (a batched ack must not hold its successes back until after its failures)."""
         last = node.last_failure  # (the only purge that failed since the last success, or None: several; oks)
         fresh = last is None or last[1] != node.oks  # a success since the node's last failure
         alone = fresh or last[0] == ident

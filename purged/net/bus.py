@@ -41,6 +41,7 @@ FETCH_WAIT = 1.0  # seconds a pull waits for messages
 CLOSE_TIMEOUT = 2.0
 STREAM_MAX_AGE = 7 * 86400.0  # a message nobody acked in a week is dropped by the stream (docs/fleet.md)
 ERROR_LOG_INTERVAL = 10.0
+RECOVER_AFTER = 25  # consecutive failed fetches (~5 s) before the stream and consumer are set up again
 
 
 class BusUnavailable(PurgedError):
@@ -155,6 +156,7 @@ class NatsBus:
         self._js: Any = None
         self._sub: Any = None
         self._logged = 0.0
+        self._fetch_failures = 0
 
     @property
     def connected(self) -> bool:
@@ -261,6 +263,9 @@ class NatsBus:
             metadata={"purged_name": self.name}, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
             ack_wait=s.ack_wait, max_ack_pending=s.max_ack_pending, max_deliver=-1,
         ))
+        if self._sub is not None:  # set up again (_recover): drop the old binding's inbox
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         self._sub = await js.pull_subscribe_bind(durable=self.consumer, stream=s.stream)
 
     async def _close(self) -> None:
@@ -333,6 +338,8 @@ class NatsBus:
             raise self._fail("timeout", "the stream did not acknowledge in bus.nats.publish_timeout") from None
         except nats.errors.NoRespondersError:
             raise self._fail("no_responders", "no stream leader answered (JetStream unavailable)") from None
+        except nats.js.errors.NoStreamResponseError:
+            raise self._fail("no_stream", f"no stream {self.settings.stream} (deleted?)") from None
         except nats.js.errors.APIError as exc:
             raise self._fail("api_error", f"JetStream refused the publish: {exc.description}") from None
         except (nats.errors.Error, OSError) as exc:
@@ -352,11 +359,27 @@ class NatsBus:
             await trio.sleep(0.2)
             return []
         try:
-            return await self._thread.run(self._fetch(batch))
+            msgs = await self._thread.run(self._fetch(batch))
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
             self._log_error(f"bus: fetch from consumer {self.consumer}: {exc!r}")
+            self._fetch_failures += 1
+            if self._fetch_failures % RECOVER_AFTER == 0:
+                await self._recover()
             await trio.sleep(0.2)
             return []
+        self._fetch_failures = 0
+        return msgs
+
+    async def _recover(self) -> None:
+        """Fetches keep failing: a leader election takes seconds, but the consumer (or the whole stream) may
+        also have been deleted by an operator. Set them up again (idempotent); a live daemon keeps its place."""
+        try:
+            with trio.fail_after(self.settings.publish_timeout * 3):
+                await self._thread.run(self._setup())
+        except BusSetupError as exc:
+            self._log_error(f"bus: {exc.detail}")
+        except Exception as exc:
+            self._log_error(f"bus: setting up consumer {self.consumer} again: {exc!r}")
 
     async def positions(self) -> tuple[int, list[ConsumerPosition]]:
         """The stream's last sequence and every durable consumer's position (:class:`BusUnavailable` when

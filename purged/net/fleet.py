@@ -116,7 +116,8 @@ class Fleet:
         except BusUnavailable as exc:
             driver.engine.reject(source, "bus_unavailable", len(targets))
             raise Refused(exc.detail, reason="bus_unavailable", status=503, retry_after=BUS_RETRY_AFTER) from None
-        self._remember(seqs[-1], Known(None, len(targets), priority))
+        if seqs[-1] not in self.known:  # our own consumer may have had it already (it knows the local batch)
+            self._remember(seqs[-1], Known(None, len(targets), priority))
         return Admitted(Receipt(format_fleet_id(seqs[0], seqs[-1]), len(targets), 0), checked.rejected)
 
     def _remember(self, seq: int, known: Known) -> None:
@@ -278,6 +279,8 @@ class Fleet:
         """``GET /v1/purge/{fleet id}``: done on every daemon? Waits up to ``wait`` seconds for it."""
         first, last = parse_fleet_id(fleet_id)
         view = await self._checked_view()
+        if last > view.last_seq:  # published since that look (by us a moment ago, or by another daemon)
+            view = await self._checked_view(0.0)
         if last > view.last_seq:
             raise PurgedError(f"no batch {fleet_id!r}: the stream ends at {view.last_seq}",
                               reason="unknown_batch", status=404)
@@ -297,9 +300,9 @@ class Fleet:
                 self.waiters -= 1
         return await self._status_json(fleet_id, first, last, view)
 
-    async def _checked_view(self) -> View:
+    async def _checked_view(self, max_age: float = VIEW_MAX_AGE) -> View:
         try:
-            return await self.view()
+            return await self.view(max_age)
         except BusUnavailable as exc:
             raise PurgedError(exc.detail, reason="bus_unavailable", status=503) from None
 

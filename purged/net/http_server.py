@@ -12,7 +12,9 @@ delays the others:
 - past ``limits.max_connections`` open connections a request is answered 503 and its connection closed,
   except ``/healthz`` and ``/metrics``, which a reserve of ``CONNECTION_RESERVE`` more connections still
   serves; past the reserve a connection is closed at once. Accept errors for lack of descriptors (EMFILE)
-  pause accepting briefly and are logged at most once a minute.
+  pause accepting briefly and are logged at most once a minute;
+- a connection answered before its request was read to the end (413, 431, a malformed request) is half-closed
+  and drained for up to ``LINGER`` seconds before it is closed, so that the answer is not lost to a reset.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ ACCEPT_PAUSE = 0.1  # seconds accepting pauses after EMFILE/ENFILE
 ACCEPT_LOG_INTERVAL = 60.0
 _refused_log = RateLimitedLog(log)  # one line per status per 10 s: a hostile client cannot flood the log
 CLOSE_GRACE = 1.0  # a TLS close_notify gets this long
+LINGER = 2.0  # after answering a request whose rest was not read: how long its bytes are still read and dropped
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -173,6 +176,7 @@ async def _connection(sock_stream: trio.SocketStream, api: API, tls: TLSContext 
     deadline = trio.current_time() + limits.header_timeout  # the first head, handshake included
     peer = _peer(sock_stream)
     stream: trio.abc.Stream = sock_stream
+    conn: h11.Connection | None = None
     try:
         if tls is not None:
             stream = trio.SSLStream(sock_stream, tls.context, server_side=True, https_compatible=True)
@@ -199,10 +203,25 @@ async def _connection(sock_stream: trio.SocketStream, api: API, tls: TLSContext 
     except Exception:
         log.exception("unexpected error serving %s", peer)
     finally:
+        if conn is not None and tls is None and conn.their_state in (h11.SEND_BODY, h11.ERROR):
+            await _linger(sock_stream)
         with trio.move_on_after(CLOSE_GRACE):
             await stream.aclose()
         if stream is not sock_stream:
             await trio.aclose_forcefully(sock_stream)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then read and discard what the client still sends, for at most ``LINGER`` seconds. Closing
+    with unread data (a body past the limit, the rest of a malformed request) makes the kernel send a reset,
+    which can destroy the answer just sent (a 413, a 400) before the client reads it."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER):
+            while await stream.receive_some(1 << 16):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
 async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, api: API, peer: str, counted: list[bool],

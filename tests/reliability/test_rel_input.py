@@ -46,14 +46,19 @@ def corpus(sub: str) -> list[Path]:
     return files
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict]:
-    """Send ``data`` as is, read the answer until the server closes; (status, JSON body)."""
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, pause: float = 0.0) -> tuple[int, dict]:
+    """Send ``data`` as is, wait ``pause`` seconds (the server may answer and close meanwhile), read the answer
+    until the server closes; (status, JSON body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         try:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered before reading everything: read that answer
-        s.shutdown(socket.SHUT_WR)
+        time.sleep(pause)
+        try:
+            s.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the server closed first: it must have answered and not reset
+            raise AssertionError(f"the connection was reset before the answer could be read: {exc}") from None
         chunks = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -130,7 +135,7 @@ def test_every_bad_input_is_refused_and_counted_and_good_purges_still_flow(varni
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
     # ~80 refused requests: one log line per status per 10 s (400, 413, 415, 431), not one per request.
     refused = [ln for ln in log.splitlines() if "purged.http:" in ln and " -> 4" in ln]
-    assert 0 < len(refused) <= 8, refused
+    assert 0 < len(refused) <= 12, refused  # 4 statuses; a slow run may span a few 10 s windows
 
 
 def _http_bodies(live: Live) -> None:
@@ -177,13 +182,14 @@ def _huge(live: Live, port: int) -> None:
     """Made here rather than stored: a head far past 64 KiB, bodies past 16 MiB (limits.max_body_bytes, declared and
     chunked) and past 100,000 URLs (limits.max_urls_per_batch)."""
     head = b"PURGE /" + b"a" * 300_000 + b" HTTP/1.1\r\nHost: h.test\r\n\r\n"
-    status, body = raw_exchange(port, head)
-    check_answer("300 KB head", status, body, "bad_request")
-    assert status == 431
     declared = b"POST /v1/purge HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    status, body = raw_exchange(port, declared % (17 * MIB) + b"{" * 65536)
-    check_answer("17 MiB declared", status, body, "body_too_large")
-    assert status == 413
+    for pause in (0.0, 0.3):  # answered before the request was read to its end: the answer must survive the close
+        status, body = raw_exchange(port, head, pause=pause)
+        check_answer("300 KB head", status, body, "bad_request")
+        assert status == 431
+        status, body = raw_exchange(port, declared % (17 * MIB) + b"{" * 300_000, pause=pause)
+        check_answer("17 MiB declared", status, body, "body_too_large")
+        assert status == 413
 
     def chunks():
         yield b'{"urls": ["'

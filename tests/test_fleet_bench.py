@@ -1,15 +1,19 @@
-"""The fleet bench's many-port edge stub (bench/fleet_edges.py): pipelined PURGEs split anywhere are all
-answered, in order, and counted per port and per batch group; nonsense closes only its own connection."""
+"""The fleet bench (bench/fleet_*.py): its many-port edge stub answers pipelined PURGEs split anywhere, in
+order, counts them per port and per batch group, and closes only a connection that sends nonsense; and a smoke
+run of the throughput part with tiny counts, so the script does not rot (the simulation needs namespaces and a
+few minutes: it is not run here)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
 
 from fleet_harness import EdgeStubs  # noqa: E402
 
@@ -72,3 +76,18 @@ def test_bad_request_closes_only_its_connection():
         assert stats["total"] == 2 and stats["bad"] == 1
     finally:
         stubs.stop()
+
+
+def test_throughput_smoke():
+    """3 NATS servers, 2 daemons with 2 stub nodes each, 4 batches of 500 URLs: both rounds print figures."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fleet_bench.py"), "--only", "throughput", "--tp-daemons", "2",
+         "--tp-batches", "4", "--tp-batch", "500", "--tp-posters", "2", "--timeout", "30"],
+        capture_output=True, text=True, timeout=90, cwd=ROOT,
+    )
+    assert r.returncode == 0, f"fleet_bench failed:\n{r.stdout}\n{r.stderr}"
+    out = r.stdout.split("== fleet_bench figures ==")[1]
+    assert "all daemons running:" in out and "others paused (SIGSTOP) while posting:" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("tp0", "tp1"))]
+    assert len(rows) == 4, out
+    assert all("not" not in row for row in rows), out  # every daemon's nodes got every URL, in both rounds
