@@ -66,7 +66,9 @@ class AsyncioThread:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        loop = self.loop = asyncio.new_event_loop()
+        # A plain selector loop, not asyncio.new_event_loop(): that goes through the global policy, which
+        # trio-asyncio (if anything imported it) replaces with one that refuses to run beside trio.
+        loop = self.loop = asyncio.SelectorEventLoop()
         started = threading.Event()
 
         def run() -> None:
