@@ -298,11 +298,19 @@ class NatsBus:
                 return []
             raise
 
-    async def _positions(self) -> tuple[int, list[ConsumerPosition]]:
+    async def _positions(self) -> tuple[int, list[ConsumerPosition], int]:
         s = self.settings
         info = await self._js.stream_info(s.stream)
-        consumers = await self._js.consumers_info(s.stream)
-        return info.state.last_seq, [_position(c) for c in consumers if c.config.durable_name]
+        expected = info.state.consumer_count
+        consumers: list = []
+        while len(consumers) < expected:  # the server answers at most 256 a page
+            page = await self._js.consumers_info(s.stream, offset=len(consumers) or None)
+            if not page:
+                break
+            consumers += page
+        # A consumer whose leader is failing over is left out of the list: count it as missing (not done).
+        missing = max(0, expected - len(consumers))
+        return info.state.last_seq, [_position(c) for c in consumers if c.config.durable_name], missing
 
     # -- trio side ---------------------------------------------------------------------------------------------
 
@@ -383,9 +391,9 @@ class NatsBus:
         except Exception as exc:
             self._log_error(f"bus: setting up consumer {self.consumer} again: {exc!r}")
 
-    async def positions(self) -> tuple[int, list[ConsumerPosition]]:
-        """The stream's last sequence and every durable consumer's position (:class:`BusUnavailable` when
-        the bus cannot tell)."""
+    async def positions(self) -> tuple[int, list[ConsumerPosition], int]:
+        """The stream's last sequence, every durable consumer's position, and how many consumers the stream
+        counts but did not describe (:class:`BusUnavailable` when the bus cannot tell)."""
         import nats.errors
         import nats.js.errors
 

@@ -80,6 +80,7 @@ class View:
     at: float
     last_seq: int
     consumers: list[ConsumerPosition]
+    missing: int = 0  # consumers the stream counts but did not describe (not done, conservatively)
 
 
 class Fleet:
@@ -258,7 +259,9 @@ class Fleet:
                         "purged_bus_bad_messages_total", seq, reason)
 
     def _release_held(self) -> None:
-        """Stopping: give back what is not done, so the next run gets it at once (not after ack_wait)."""
+        """Stopping: ack what is done (the drain may have just finished it), give back the rest so that the
+        next run gets it at once (not after ack_wait)."""
+        self._ack_done()
         for held in self.held.values():
             self.bus.nak(held.msg)
         self.held.clear()
@@ -271,8 +274,8 @@ class Fleet:
         async with self._view_lock:
             now = trio.current_time()
             if self._view is None or now - self._view.at > max_age:
-                last_seq, consumers = await self.bus.positions()
-                self._view = View(trio.current_time(), last_seq, consumers)
+                last_seq, consumers, missing = await self.bus.positions()
+                self._view = View(trio.current_time(), last_seq, consumers, missing)
             return self._view
 
     async def status(self, fleet_id: str, wait: float) -> dict:
@@ -284,7 +287,7 @@ class Fleet:
         if last > view.last_seq:
             raise PurgedError(f"no batch {fleet_id!r}: the stream ends at {view.last_seq}",
                               reason="unknown_batch", status=404)
-        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+        done, _ = fleet_progress(last, view.last_seq, view.consumers, view.missing)
         if not done and wait > 0 and self.waiters < self.driver.max_waiters:
             self.waiters += 1
             try:
@@ -295,7 +298,7 @@ class Fleet:
                             view = await self.view()
                         except BusUnavailable:  # a stream server failing over: ask again, keep the last view
                             continue
-                        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+                        done, _ = fleet_progress(last, view.last_seq, view.consumers, view.missing)
             finally:
                 self.waiters -= 1
         return await self._status_json(fleet_id, first, last, view)
@@ -307,15 +310,18 @@ class Fleet:
             raise PurgedError(exc.detail, reason="bus_unavailable", status=503) from None
 
     async def _status_json(self, fleet_id: str, first: int, last: int, view: View) -> dict:
-        done, daemons = fleet_progress(last, view.last_seq, view.consumers)
+        done, daemons = fleet_progress(last, view.last_seq, view.consumers, view.missing)
         out_daemons = {name: asdict(p) for name, p in daemons.items()}
         local = self._local_detail(first, last)
         if self.name in out_daemons and local is not None:
             out_daemons[self.name]["datacenters"] = local
         known = self.known.get(last)
         accepted, priority = (known.accepted, known.priority) if known is not None else await self._lookup(first)
-        return {"id": fleet_id, "done": done, "accepted": accepted, "priority": priority,
-                "datacenters": local or {}, "daemons": out_daemons}
+        out = {"id": fleet_id, "done": done, "accepted": accepted, "priority": priority,
+               "datacenters": local or {}, "daemons": out_daemons}
+        if view.missing:
+            out["missing_daemons"] = view.missing
+        return out
 
     async def _lookup(self, seq: int) -> tuple[int | None, str | None]:
         data = await self.bus.get_message(seq)
@@ -354,7 +360,8 @@ class Fleet:
         """``GET /v1/fleet``: every daemon (durable consumer) with its lag and last activity."""
         view = await self._checked_view()
         return {"stream": self.bus.settings.stream, "last_seq": view.last_seq, "self": self.name,
-                "bus": self.bus.state, "daemons": fleet_table(view.last_seq, view.consumers)}
+                "bus": self.bus.state, "missing_daemons": view.missing,
+                "daemons": fleet_table(view.last_seq, view.consumers)}
 
     async def retire(self, daemon: str) -> dict:
         """``DELETE /v1/fleet/{daemon}``: delete a daemon's consumer (gone for good); 404 if unknown, 409 for
