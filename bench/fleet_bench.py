@@ -105,6 +105,7 @@ def throughput(args) -> list[str]:
             lines.append(f"throughput (loopback, 3 NATS servers, stream replicas 3): {args.tp_batches} batches x "
                          f"{args.tp_batch:,} URLs by {args.tp_posters} posters to {daemons[0].name}; each daemon "
                          f"purges {args.tp_nodes} stub node(s) (2: the per-host shape, an ATS and a Varnish)")
+            print(lines[-1], flush=True)
             for paused in (False, True):
                 rows = throughput_round(args, stubs, daemons, f"{run}{'p' if paused else 'a'}", paused)
                 lines.append(f"  {'others paused (SIGSTOP) while posting' if paused else 'all daemons running'}:")
@@ -518,7 +519,6 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     if args.only in (None, "throughput"):
         out += throughput(args)
-        print("\n".join(out), flush=True)
     if args.only in (None, "simulation", "infra"):
         if os.geteuid() != 0:
             raise SystemExit("the simulation needs root (network namespaces, /dev/net/tun)")
