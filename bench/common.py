@@ -299,7 +299,7 @@ def wait_purges(varnishes: list[Varnish], targets: list[int], timeout: float, in
 
 
 def purged_config(nodes: list[str], *, window: int = 64, connections: int = 2, listen: str = "127.0.0.1:0",
-                  dc: str = "bench", state_dir: str | None = None) -> str:
+                  dc: str = "bench", state_dir: str | None = None, max_window: int | None = None) -> str:
     """A YAML config: one data centre, one tier holding ``nodes`` (no tier gates), the given sender settings.
     No journal unless ``state_dir`` is given (the daemon's default, /var/lib/purged, is never used here)."""
     lines = [
@@ -314,6 +314,7 @@ def purged_config(nodes: list[str], *, window: int = 64, connections: int = 2, l
         "sender:",
         f"  window: {int(window)}",
         f"  connections: {int(connections)}",
+        *([f"  max_window: {int(max_window)}"] if max_window is not None else []),  # None: the daemon's default
         "  timeout: 30",
         "limits:",
         "  max_urls_per_batch: 100000",
@@ -332,9 +333,10 @@ class Purged:
     READY = re.compile(r"purged ready: http [^\s]*:(\d+)")
 
     def __init__(self, nodes: list[str], *, window: int = 64, connections: int = 2, netns: str | None = None,
-                 env: dict[str, str] | None = None, python_args: tuple[str, ...] = (), journal: bool = False):
+                 env: dict[str, str] | None = None, python_args: tuple[str, ...] = (), journal: bool = False,
+                 max_window: int | None = None):
         self.nodes = nodes
-        self.window, self.connections = window, connections
+        self.window, self.connections, self.max_window = window, connections, max_window
         self.netns = netns
         self.env = env
         self.python_args = tuple(python_args)  # e.g. ("-m", "cProfile", "-o", FILE) to profile it
@@ -348,6 +350,7 @@ class Purged:
         cfg = os.path.join(self.tmp, "purged.yaml")
         with open(cfg, "w") as f:
             f.write(purged_config(self.nodes, window=self.window, connections=self.connections,
+                                  max_window=self.max_window,
                                   state_dir=os.path.join(self.tmp, "state") if self.journal else None))
         cmd = [PYTHON, *self.python_args, "-m", "purged", "--config", cfg, "--log-level", "info"]
         if self.netns:
@@ -408,6 +411,14 @@ class Purged:
 
 
 # -- the poster: POST /v1/purge batches (urllib: one keep-alive-less request per batch is plenty) -----------------
+
+
+def parse_setting(text: str) -> tuple[int, int, int | None]:
+    """``WINDOWxCONNECTIONS`` or ``WINDOWxCONNECTIONS:MAX_WINDOW`` (the adaptive window's cap per connection;
+    without it the daemon's default applies, and a purged older than issue 15 has a fixed window)."""
+    head, _, cap = text.lower().partition(":")
+    window, connections = (int(x) for x in head.split("x"))
+    return window, connections, int(cap) if cap else None
 
 
 def make_urls(n: int, prefix: str, host: str = "en.wikipedia.org") -> list[str]:

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     machine_note,
     make_urls,
     median,
+    parse_setting,
     post_batch,
     wait_batch,
     wait_listening,
@@ -48,13 +49,14 @@ from netns_delay import DelayedLink, in_netns, tcp_rtt  # noqa: E402
 
 
 def run_setting(link: DelayedLink, varnishes: list[Varnish], n_urls: int, window: int, connections: int,
-                timeout: float, tag: str) -> dict:
-    daemon = Purged([v.address for v in varnishes], window=window, connections=connections, netns=link.netns_a)
+                timeout: float, tag: str, max_window: int | None = None) -> dict:
+    daemon = Purged([v.address for v in varnishes], window=window, connections=connections, netns=link.netns_a,
+                    max_window=max_window)
     daemon.start()
     sampler = None
     try:
         urls = make_urls(n_urls, f"{tag}_{time.monotonic_ns()}")
-        batches = [urls[i : i + 10_000] for i in range(0, n_urls, 10_000)]
+        batches = [urls[i : i + 5_000] for i in range(0, n_urls, 5_000)]
         sampler = PurgeSampler(varnishes, n_urls, interval=0.1, timeout=timeout)
         cpu0, dcpu0 = daemon.cpu_seconds(), link.cpu_seconds()
         with in_netns(link.netns_a):
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("crossdc_bench needs root (network namespaces, /dev/net/tun)")
-    settings = [tuple(int(x) for x in s.lower().split("x")) for s in args.settings.split(",")]
+    settings = [parse_setting(s) for s in args.settings.split(",")]
 
     print(f"crossdc_bench: {machine_note()}; {args.delay_ms:g} ms each way, {args.nodes} node(s), "
           f"{args.repeats} repeats")
@@ -123,25 +125,28 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  RTT to {v.address}: TCP connect min {best * 1000:.1f}, median {r['connect'] * 1000:.1f} ms "
                           f"({', '.join(f'{x * 1000:.1f}' for x in r['connect_all'])}); PURGE request -> "
                           f"answer median {r['request'] * 1000:.1f} ms")
-            results: dict[tuple[int, int], list[dict]] = {s: [] for s in settings}
+            results: dict[tuple[int, int, int | None], list[dict]] = {s: [] for s in settings}
             for rep in range(args.repeats):
-                for window, conns in settings:
-                    theory = window * conns / rtt
+                for window, conns, cap in settings:
+                    most = max(window, cap or 0)  # an adaptive window may grow to its cap
+                    theory = most * conns / rtt
                     n = int(min(args.urls, max(100, theory * args.seconds)))
                     r = run_setting(link, varnishes, n, window, conns, args.timeout,
-                                    f"x{args.nodes}_w{window}_c{conns}_r{rep + 1}")
-                    results[(window, conns)].append(r)
-                    print(f"  [{rep + 1}] window {window} x {conns} conn ({window * conns} in flight; at most "
+                                    f"x{args.nodes}_w{window}_c{conns}_r{rep + 1}", max_window=cap)
+                    results[(window, conns, cap)].append(r)
+                    capped = f", adaptive up to {cap} x {conns}" if cap else ""
+                    print(f"  [{rep + 1}] window {window} x {conns} conn{capped} ({most * conns} in flight; at most "
                           f"{theory:,.0f}/s per node at this RTT): {r['per_node']:,.0f} PURGE/s per node "
                           f"({r['urls']:,} URLs per node in {r['elapsed']:.2f} s; steady {r['steady_per_node']:,.0f}/s); purged {r['cpu_us']:.1f} us "
                           f"CPU/PURGE = {r['purged_cores']:.2f} cores; delayer {r['delayer_cores']:.2f} cores")
             print(f"  -- medians of {args.repeats}, PURGE/s per node at {2 * args.delay_ms:g} ms "
                   f"(measured RTT {rtt * 1000:.1f} ms, min of the TCP connects):")
-            for (window, conns), rs in results.items():
-                print(f"     window {window:>4} x {conns} conn: {fmt_repeats([r['per_node'] for r in rs])}")
+            for (window, conns, cap), rs in results.items():
+                name = f"{window:>4} x {conns}" + (f" (cap {cap})" if cap else "")
+                print(f"     window {name} conn: {fmt_repeats([r['per_node'] for r in rs])}")
                 print(f"                  steady: {fmt_repeats([r['steady_per_node'] for r in rs])}")
             best = max(results.items(), key=lambda kv: median([r["per_node"] for r in kv[1]]))
-            print(f"     best: window {best[0][0]} x {best[0][1]} connections")
+            print(f"     best: window {best[0][0]} x {best[0][1]} connections (cap {best[0][2]})")
         finally:
             for v in varnishes:
                 v.stop()

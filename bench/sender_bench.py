@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     machine_note,
     make_urls,
     median,
+    parse_setting,
     post_batch,
     wait_batch,
 )
@@ -134,12 +135,14 @@ def run_wrk(varnishes: list[Varnish], seconds: float, connections: int, depth: i
 
 
 def run_purged(varnishes: list[Varnish], n_urls: int, batch: int, window: int, connections: int, timeout: float,
-               tag: str, profile: str | None = None, profile_dir: str | None = None, journal: bool = False) -> dict:
+               tag: str, profile: str | None = None, profile_dir: str | None = None, journal: bool = False,
+               max_window: int | None = None) -> dict:
     nodes = [v.address for v in varnishes]
     python_args: tuple[str, ...] = ()
     if profile == "cprofile":  # written when purged exits (SIGTERM: it drains, then returns normally)
         python_args = ("-m", "cProfile", "-o", os.path.join(profile_dir, f"{tag}.pstats"))
-    daemon = Purged(nodes, window=window, connections=connections, python_args=python_args, journal=journal)
+    daemon = Purged(nodes, window=window, connections=connections, python_args=python_args, journal=journal,
+                    max_window=max_window)
     daemon.start()
     spy = sampler = None
     try:
@@ -245,12 +248,13 @@ trio.run(main)
 # -- driver ------------------------------------------------------------------------------------------------------
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        w, c = item.lower().split("x")
-        out.append((int(w), int(c)))
-    return out
+def parse_settings(text: str) -> list[tuple[int, int, int | None]]:
+    return [parse_setting(item) for item in text.split(",")]
+
+
+def label(setting: tuple[int, int, int | None]) -> str:
+    window, conns, cap = setting
+    return f"{window} x {conns}" + (f" (cap {cap})" if cap is not None else "")
 
 
 PROFILE_CATEGORIES = [  # (label, test on the stack's frames, leaf last); the first that matches counts
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--urls", type=int, default=200_000, help="unique URLs posted per run (default 200000)")
     p.add_argument("--batch", type=int, default=10_000, help="URLs per POST (default 10000)")
     p.add_argument("--settings", default="64x2,256x2,256x4",
-                   help="sender WINDOWxCONNECTIONS to try (default 64x2, 256x2, and 256x4 = the daemon's default)")
+                   help="sender WINDOWxCONNECTIONS[:MAX_WINDOW] to try (default 64x2, 256x2, and 256x4 = the "
+                        "daemon's default; without :MAX_WINDOW the daemon's default cap of the adaptive window)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=120.0, help="bound on one purged run, seconds")
     p.add_argument("--wrk-seconds", type=int, default=4)
@@ -350,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                     v.start()
                 print(f"\n== {n} Varnish node(s): {', '.join(v.address for v in varnishes)}")
                 ceil: list[dict] = []
-                runs: dict[tuple[int, int], list[dict]] = {s: [] for s in settings}
+                runs: dict[tuple[int, int, int | None], list[dict]] = {s: [] for s in settings}
                 hx: dict[int, list[dict]] = {1: [], 16: []}
                 for rep in range(args.repeats):
-                    for window, conns in settings:
+                    for window, conns, cap in settings:
                         # The ceiling right before each purged run, so that both see the same background load.
                         if not args.no_wrk:
                             w = run_wrk(varnishes, args.wrk_seconds, args.wrk_connections, args.wrk_depth)
@@ -366,12 +371,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{w['wrk_cores']:.2f}, others {w['others_cores']:.2f} cores")
                         tag = f"n{n}_w{window}_c{conns}_r{rep + 1}"
                         r = run_purged(varnishes, args.urls, args.batch, window, conns, args.timeout, tag,
-                                       args.profile, profile_dir, args.journal)
+                                       args.profile, profile_dir, args.journal, max_window=cap)
                         if ceil:
                             r["ratio"] = r["rate"] / ceil[-1]["rate"]
-                        runs[(window, conns)].append(r)
+                        runs[(window, conns, cap)].append(r)
                         ratio = f", {r['ratio']:.2f}x that ceiling" if "ratio" in r else ""
-                        print(f"  [{rep + 1}] purged window {window} x {conns} conn: {r['rate']:,.0f} PURGE/s "
+                        print(f"  [{rep + 1}] purged window {label((window, conns, cap))} conn: {r['rate']:,.0f} PURGE/s "
                               f"({r['per_node']:,.0f}/node){ratio}; {r['elapsed']:.2f} s (posting "
                               f"{r['post_seconds']:.2f} s; steady {r['steady']:,.0f}/s; by purged's clock "
                               f"{r['rate_purged_clock']:,.0f}/s); purged {r['cpu_us']:.1f} us CPU/PURGE ("
@@ -388,23 +393,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"     wrk ceiling       PURGE/s: {fmt_repeats([c['rate'] for c in ceil])}")
                     print(f"       Varnish us CPU per PURGE: {fmt_repeats([c['varnish_us'] for c in ceil], '{:.1f}')}")
                 best = None
-                for (window, conns), rs in runs.items():
+                for setting, rs in runs.items():
                     rate = median([r["rate"] for r in rs])
-                    print(f"     purged {window:>4} x {conns} PURGE/s: {fmt_repeats([r['rate'] for r in rs])}")
+                    print(f"     purged {label(setting):>8} PURGE/s: {fmt_repeats([r['rate'] for r in rs])}")
                     if ceil:
                         print(f"                 ratio to ceiling: {fmt_repeats([r['ratio'] for r in rs], '{:.2f}')}")
                     print(f"                 us CPU per PURGE: {fmt_repeats([r['cpu_us'] for r in rs], '{:.1f}')}")
                     if best is None or rate > best[1]:
-                        best = ((window, conns), rate)
+                        best = (setting, rate)
                 if best:
-                    print(f"     best setting: window {best[0][0]} x {best[0][1]} connections "
-                          f"({best[1]:,.0f} PURGE/s median)")
+                    print(f"     best setting: window {label(best[0])} ({best[1]:,.0f} PURGE/s median)")
                 for conc, hs in hx.items():
                     if hs:
                         print(f"     httpx {conc:>2} task(s) PURGE/s: {fmt_repeats([h['rate'] for h in hs])}")
                 results["runs"][n] = {
                     "wrk": ceil,
-                    "purged": {f"{w}x{c}": rs for (w, c), rs in runs.items()},
+                    "purged": {label(setting).replace(" ", ""): rs for setting, rs in runs.items()},
                     "httpx": {str(c): hs for c, hs in hx.items() if hs},
                 }
             finally:

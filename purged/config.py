@@ -106,7 +106,8 @@ class Dedup:
 @dataclass(frozen=True)
 class Sender:
     connections: int = 4  # persistent connections per node
-    window: int = 256  # requests in flight per connection (pipelined): 1024 per node carry ~12k/s at 80 ms RTT
+    window: int = 256  # requests in flight per connection at first (pipelined); the window adapts from here
+    max_window: int = 1024  # ... up to this per connection (4 x 1024 carry ~50k/s at 80 ms RTT); <= window: fixed
     timeout: float = 10.0  # seconds without a response before the connection is deemed stuck
     connect_timeout: float = 5.0
     retry_initial: float = 0.1  # first backoff, seconds; doubles per consecutive failure
@@ -352,6 +353,7 @@ def _parse_sender(value: Any, path: str, errs: Errors) -> Sender | None:
     spec = {
         "connections": positive(minimum=1, integer=True),
         "window": positive(minimum=1, integer=True),
+        "max_window": positive(minimum=1, integer=True),
         "timeout": positive(minimum=0.001),
         "connect_timeout": positive(minimum=0.001),
         "retry_initial": positive(minimum=0.001),

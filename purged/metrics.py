@@ -236,6 +236,10 @@ class SenderCollector(Collector):
             labels=NODE_LABELS,
         )
         window = GaugeMetricFamily("purged_sender_window", "PURGEs in flight allowed per connection", labels=NODE_LABELS)
+        node_window = GaugeMetricFamily(
+            "purged_node_window", "PURGEs in flight allowed to a node (adaptive, all its connections)",
+            labels=NODE_LABELS,
+        )
         for name, sender in sorted(self._senders().items()):
             spec = topo.get(name)
             if spec is None:
@@ -244,7 +248,8 @@ class SenderCollector(Collector):
             opened.add_metric(labels, sender.connects)
             fallbacks.add_metric(labels, sender.pipelining_fallbacks)
             window.add_metric(labels, sender.window)
-        yield from (opened, fallbacks, window)
+            node_window.add_metric(labels, sender.node_window)
+        yield from (opened, fallbacks, window, node_window)
 
 
 class BusCollector(Collector):

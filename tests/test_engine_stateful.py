@@ -59,6 +59,22 @@ class EngineMachine(RuleBasedStateMachine):
             self.delivered[node].append((target, sent, self.now, ident, at))
 
     @precondition(lambda self: any(self.outstanding.values()))
+    @rule(data=st.data(), statuses=st.lists(st.sampled_from([200, 200, 204, 404, 503]), min_size=1, max_size=6))
+    def answer_many(self, data, statuses):
+        """One read's worth of responses, acknowledged in one call (what the sender does)."""
+        node = data.draw(st.sampled_from([n for n in NODES if self.outstanding[n]]))
+        answered = self.outstanding[node][: len(statuses)]
+        del self.outstanding[node][: len(answered)]
+        pairs = list(zip(answered, statuses, strict=False))
+        inflight = self.engine.nodes[node].inflight
+        ok = [a for a, code in pairs if (200 <= code < 300 or code == 404) and a[0] in inflight]
+        oks_before = self.engine.nodes[node].oks
+        self.engine.ack_many(node, [(a[0], code) for a, code in pairs], self.now)
+        assert self.engine.nodes[node].oks - oks_before == len(ok)
+        for ident, target, sent, at in ok:
+            self.delivered[node].append((target, sent, self.now, ident, at))
+
+    @precondition(lambda self: any(self.outstanding.values()))
     @rule(data=st.data(), graceful=st.booleans())
     def connection_lost(self, data, graceful):
         node = data.draw(st.sampled_from([n for n in NODES if self.outstanding[n]]))

@@ -106,6 +106,10 @@ def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path, capsys):
         ports = [free_port() for _ in NAMES]
         configs = [_config(tmp_path / f"{n}.yaml", n, nodes[i].address, ports[i], cluster.urls)
                    for i, n in enumerate(NAMES)]
+        # The daemon that gets killed keeps a journal: its replay and the stream's redelivery meet at restart.
+        cfg = yaml.safe_load(configs[2].read_text())
+        cfg.update(state_dir=str(tmp_path / "state-c"), durability="batch")
+        configs[2].write_text(yaml.safe_dump(cfg))
         for i in range(3):
             daemons[i] = PurgedProcess(configs[i], ports[i], tmp_path)
         for d in daemons:

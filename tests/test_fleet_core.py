@@ -189,6 +189,7 @@ def test_done_only_when_every_ack_floor_passed():
     done, daemons = fleet_progress(8, 10, consumers)
     assert not done and daemons["a"].done and not daemons["b.x"].done
     assert fleet_progress(1, 10, [])[0] is False  # nobody delivered it
+    assert fleet_progress(7, 10, consumers, missing=1)[0] is False  # a consumer the stream could not describe
 
 
 def test_fleet_table():

@@ -39,12 +39,20 @@ class NodeCursor:
 
     def finish(self, seq: int) -> None:
         """``seq`` is delivered (or dropped by policy): it and everything pinned on it are done."""
+        order, done = self._order, self._done
+        if not self._waiters:  # the usual case, nothing pinned: no stack
+            if order and order[0] == seq:
+                order.popleft()
+                while order and order[0] in done:
+                    done.discard(order.popleft())
+            else:
+                done.add(seq)
+            return
         stack = [seq]
         while stack:
             s = stack.pop()
             self._done.add(s)
             stack.extend(self._waiters.pop(s, ()))
-        order, done = self._order, self._done
         while order and order[0] in done:
             done.discard(order.popleft())
 

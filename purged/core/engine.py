@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -128,16 +129,8 @@ class Engine:
         """Accept validated purge targets (``host + path``) as one batch. Admission decided it may."""
         li = HIGH if priority == "high" else BULK
         lane = self.lanes[li]
-        dc_mask = self.topology.dc_mask
-        hi = -1
-        coalesced = 0
-        for target in targets:
-            seq, merged = lane.append(target, now, dc_mask(target[: target.find("/")]))
-            coalesced += merged
-            if seq > hi:
-                hi = seq
-            if not merged and self._appended is not None:
-                self._appended[li].append((seq, target, now))
+        journal = self._appended[li] if self._appended is not None else None
+        hi, coalesced = lane.extend(targets, now, self.topology.dc_mask, journal)
         stats = self._source(source)
         stats.received += len(targets)
         stats.accepted += len(targets)
@@ -237,6 +230,55 @@ class Engine:
             stats.gave_up += 1
         self._finish(node, lane, seq, now)
         return verdict
+
+    def ack_many(self, name: str, answers: list[tuple[int, int]], now: float) -> None:
+        """Node ``name`` answered ``(ident, status)`` for each of ``answers``, in order (one read's worth): the
+        same as :meth:`ack` for each, with the per-answer bookkeeping (tier positions, trimming) done once."""
+        node = self.nodes.get(name)
+        if node is None:
+            return
+        inflight, lanes = node.inflight, self.lanes
+        responses = node.stats.responses
+        hist = self._histogram(node)
+        observe_bounds, observe_counts = hist.bounds, hist.counts
+        moved = 0  # bit per lane whose cursor advanced
+        oks = 0
+        latency = 0.0
+        for ident, status in answers:
+            if ident not in inflight:
+                continue  # stale: the node was resynced or removed meanwhile
+            if not (200 <= status < 300 or status == 404):
+                self.ack(name, ident, status, now)  # retry, error, poison: the general path
+                continue
+            responses[status] = responses.get(status, 0) + 1
+            inflight.discard(ident)
+            if node.suspects:
+                node.suspects.pop(ident, None)
+            li = ident & 1
+            lane = lanes[li]
+            seq = ident >> 1
+            seconds = now - lane.log.get(seq).accepted_at
+            observe_counts[bisect_left(observe_bounds, seconds)] += 1
+            latency += seconds
+            lane.cursors[name].finish(seq)
+            moved |= 1 << li
+            oks += 1
+            # Per answer, not once per read: the poison rule (_suspect) reads these between answers.
+            node.failures = 0
+            node.oks += 1
+            if node.down:
+                node.down = False
+                self._out.wake.add(name)  # out of probing: a full window again
+        if oks:
+            hist.total += latency
+        if moved:
+            for li, lane in enumerate(lanes):
+                if moved >> li & 1:
+                    lane.moved(name, now)
+            self._out.progress = True
+            self._acks_since_trim += oks
+            if self._acks_since_trim >= 1024:
+                self.trim()
 
     def _finish(self, node: Node, lane: Lane, seq: int, now: float) -> None:
         lane.cursors[node.name].finish(seq)
@@ -445,12 +487,15 @@ class Engine:
         return sum(lane.trim() for lane in self.lanes)
 
     def _observe_latency(self, node: Node, seconds: float) -> None:
+        self._histogram(node).observe(seconds)
+
+    def _histogram(self, node: Node) -> Histogram:
         dc = self.topology.datacenters[node.dc_index]
         key = (dc.name, dc.tiers[node.tier_index].name)
         hist = self.latency.get(key)
         if hist is None:
             hist = self.latency[key] = Histogram()
-        hist.observe(seconds)
+        return hist
 
     def backlog(self, name: str) -> int:
         """Purges meant for this node that it has not acknowledged yet (all lanes)."""

@@ -231,13 +231,14 @@ def daemon_progress(last: int, last_seq: int, pos: ConsumerPosition) -> DaemonPr
     return DaemonProgress(pos.ack_floor >= last, pos.ack_floor, max(0, last_seq - pos.ack_floor))
 
 
-def fleet_progress(last: int, last_seq: int,
-                   consumers: list[ConsumerPosition]) -> tuple[bool, dict[str, DaemonProgress]]:
+def fleet_progress(last: int, last_seq: int, consumers: list[ConsumerPosition],
+                   missing: int = 0) -> tuple[bool, dict[str, DaemonProgress]]:
     """Is the message at sequence ``last`` (and all before it) delivered by every daemon? Conservative: a
-    daemon counts as done only once its ack floor passed it (a daemon down or behind is not done), and a
-    stream with no consumer at all is not done either."""
+    daemon counts as done only once its ack floor passed it (a daemon down or behind is not done); a stream
+    with no consumer at all is not done, and neither is anything while ``missing`` consumers could not be
+    asked (the stream counts more consumers than answered: one's leader is failing over)."""
     daemons = {pos.daemon: daemon_progress(last, last_seq, pos) for pos in consumers}
-    return bool(daemons) and all(p.done for p in daemons.values()), daemons
+    return not missing and bool(daemons) and all(p.done for p in daemons.values()), daemons
 
 
 def fleet_table(last_seq: int, consumers: list[ConsumerPosition]) -> dict[str, dict]:

@@ -61,6 +61,19 @@ class Lane:
                 di += 1
         return seq, merged
 
+    def extend(self, targets: list[str], now: float, dc_mask, journal: list | None) -> tuple[int, int]:
+        """:meth:`append` each target (routed by ``dc_mask(host)``); returns the highest seq it got and how
+        many merged. New entries are also added to ``journal`` as ``(seq, target, now)`` if given."""
+        hi, merged, new = self.log.extend(targets, now, dc_mask, journal)
+        appended = self.dc_appended
+        for mask, count in new.items():
+            di = 0
+            while mask >> di:
+                if mask >> di & 1:
+                    appended[di] += count
+                di += 1
+        return hi, merged
+
     def read(self, node: Node, li: int, limit: int, now: float, out: list, max_age: float) -> None:
         """Read this lane for ``node`` up to its read limit, appending ``(id, target)`` to send to ``out``
         (at most ``limit``): entries for other data centres are passed, superseded ones pinned on their

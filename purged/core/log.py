@@ -17,6 +17,9 @@ class Entry(NamedTuple):
     dc_mask: int  # data centres whose nodes must get it
 
 
+_new_entry = tuple.__new__  # Entry(...) without the Python-level __new__ of a NamedTuple: ingest's hot loop
+
+
 class PurgeLog:
     def __init__(self) -> None:
         self._entries: list[Entry | None] = []
@@ -46,6 +49,42 @@ class PurgeLog:
         self.index[target] = seq
         self.head += 1
         return seq, False
+
+    def extend(self, targets: list[str], now: float, dc_mask, journal: list | None) -> tuple[int, int, dict]:
+        """:meth:`append` for a batch, ``dc_mask(host)`` giving each new entry's mask. Returns the highest seq
+        the batch got (-1 if empty), how many merged, and how many new entries each mask got. New entries are
+        added to ``journal`` as ``(seq, target, now)`` when given."""
+        index, read_mark = self.index, self.read_mark
+        get = index.get
+        entries_append = self._entries.append
+        head = self.head
+        hi = -1
+        merged = 0
+        nbytes = 0
+        new: dict[int, int] = {}
+        host = None
+        mask = 0
+        for target in targets:
+            latest = get(target)
+            if latest is not None and latest >= read_mark:
+                merged += 1
+                if latest > hi:
+                    hi = latest
+                continue
+            h = target[: target.find("/")]
+            if h != host:
+                host, mask = h, dc_mask(h)
+            entries_append(_new_entry(Entry, (target, now, mask)))
+            index[target] = head
+            nbytes += len(target)
+            new[mask] = new.get(mask, 0) + 1
+            if journal is not None:
+                journal.append((head, target, now))
+            hi = head
+            head += 1
+        self.head = head
+        self.bytes += nbytes
+        return hi, merged, new
 
     def mark_read(self, seq: int) -> None:
         """A node read ``seq``: from now on a new purge of that target needs a new entry."""

@@ -100,6 +100,47 @@ def parse_url(url: str, *, max_length: int = DEFAULT_MAX_LENGTH, allow_bare_host
     return _parse_url(url, max_length, allow_bare_host)
 
 
+_HOSTS_RE = re.compile(r"[a-z0-9.-]+(?:\n[a-z0-9.-]+)*\Z")  # one per line; label rules checked apart
+_BAD_LABEL_EDGES = ("\n-", "\n.", "-\n", ".\n", "..", ".-", "-.")
+# Bytes a fast-path target may hold (what _FAST_RE's path allows, and so its host too), plus the separator.
+_TARGET_BYTES = bytes(range(0x21, 0x7F)).replace(b"#", b"") + b"\n"
+
+
+def parse_urls_fast(urls: list, max_length: int, max_target: int) -> list[str] | None:
+    """The targets of ``urls`` if every one of them takes :func:`parse_url`'s fast path and is at most
+    ``max_target`` long, else None (then each URL goes through :func:`parse_url`). The same answers, with the
+    checks done once over the whole batch (C string operations) instead of a regex match per URL."""
+    try:
+        text = "\n".join(urls)
+    except TypeError:
+        return None  # not all strings
+    if not text.isascii() or text.count("\n") != len(urls) - 1 or max(map(len, urls), default=0) > max_length:
+        return None
+    targets = []
+    append = targets.append
+    for url in urls:
+        if url.startswith("https://"):
+            target = url[8:]
+        elif url.startswith("http://"):
+            target = url[7:]
+        elif url.startswith("//"):
+            target = url[2:]
+        else:
+            return None
+        append(target if "/" in target else target + "/")
+    hosts = "\n".join([target[: target.find("/")] for target in targets])
+    joined = "\n".join(targets)
+    if (
+        _HOSTS_RE.match(hosts) is None
+        or any(edge in "\n" + hosts + "\n" for edge in _BAD_LABEL_EDGES)
+        or max(map(len, hosts.split("\n"))) > 253
+        or joined.encode("ascii").translate(None, _TARGET_BYTES)
+        or max(map(len, targets), default=0) > max_target
+    ):
+        return None
+    return targets
+
+
 def _parse_url(url: str, max_length: int, allow_bare_host: bool) -> str:
     """The general path of :func:`parse_url`: every form and every error."""
     if url is None:

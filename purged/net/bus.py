@@ -1,9 +1,8 @@
 """Adapter: the NATS JetStream bus, with the official asyncio client ``nats-py`` on an event loop of its own.
 
-nats-py is asyncio; purged is trio. The bridge is one dedicated thread running one asyncio event loop,
-owned here (:class:`AsyncioThread`): trio submits coroutines to it with ``asyncio.run_coroutine_threadsafe``
-and waits for the result on a :class:`trio.Event` that the future's done-callback sets through the trio token
-(no worker thread per call); cancelling the trio side cancels the asyncio task. Only this direction crosses:
+nats-py is asyncio; purged is trio. The bridge is one dedicated thread running one asyncio event loop, owned
+here (:class:`~purged.net.aioloop.AsyncioThread`): trio submits coroutines to it and awaits their results.
+Only this direction crosses:
 the consumer's fetch loop runs in trio (each pull is one submitted coroutine), so backpressure is simply
 "trio does not ask for more", and the asyncio loop never blocks on trio (its pings, publishes and acks keep
 going while the daemon waits for local capacity). The connection callbacks only set plain attributes.
@@ -16,13 +15,10 @@ creates the stream when missing and this daemon's durable pull consumer, and off
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +28,7 @@ from ..config_bus import NatsSettings
 from ..core.errors import PurgedError
 from ..core.fleet import ConsumerPosition, consumer_name
 from ..core.histogram import Histogram
+from .aioloop import AsyncioThread
 
 log = logging.getLogger("purged.bus")
 
@@ -55,74 +52,6 @@ class BusSetupError(PurgedError):
     """A configuration problem the daemon must not paper over (another daemon's consumer under our name)."""
 
     reason = "bus_setup"
-
-
-class AsyncioThread:
-    """One asyncio event loop in a daemon thread; trio awaits coroutines run there."""
-
-    def __init__(self, name: str = "purged-nats"):
-        self.name = name
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        # A plain selector loop, not asyncio.new_event_loop(): that goes through the global policy, which
-        # trio-asyncio (if anything imported it) replaces with one that refuses to run beside trio.
-        loop = self.loop = asyncio.SelectorEventLoop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(started.set)
-            try:
-                loop.run_forever()
-            finally:
-                for task in asyncio.all_tasks(loop):
-                    task.cancel()
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(asyncio.sleep(0))
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-        started.wait(5)
-
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
-        """Run ``coro`` on the loop without waiting (acks); its exception is only logged at debug level."""
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        fut.add_done_callback(_log_failure)
-        return fut
-
-    async def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the loop and return its result (or raise its exception) in trio."""
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def wake(_: concurrent.futures.Future) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        fut.add_done_callback(wake)
-        try:
-            await done.wait()
-        except BaseException:
-            fut.cancel()
-            raise
-        return fut.result()
-
-    def stop(self) -> None:
-        if self.loop is not None and self._thread is not None:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-
-
-def _log_failure(fut: concurrent.futures.Future) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.debug("bus: background call failed: %r", fut.exception())
 
 
 @dataclass
@@ -298,11 +227,19 @@ class NatsBus:
                 return []
             raise
 
-    async def _positions(self) -> tuple[int, list[ConsumerPosition]]:
+    async def _positions(self) -> tuple[int, list[ConsumerPosition], int]:
         s = self.settings
         info = await self._js.stream_info(s.stream)
-        consumers = await self._js.consumers_info(s.stream)
-        return info.state.last_seq, [_position(c) for c in consumers if c.config.durable_name]
+        expected = info.state.consumer_count
+        consumers: list = []
+        while len(consumers) < expected:  # the server answers at most 256 a page
+            page = await self._js.consumers_info(s.stream, offset=len(consumers) or None)
+            if not page:
+                break
+            consumers += page
+        # A consumer whose leader is failing over is left out of the list: count it as missing (not done).
+        missing = max(0, expected - len(consumers))
+        return info.state.last_seq, [_position(c) for c in consumers if c.config.durable_name], missing
 
     # -- trio side ---------------------------------------------------------------------------------------------
 
@@ -383,9 +320,9 @@ class NatsBus:
         except Exception as exc:
             self._log_error(f"bus: setting up consumer {self.consumer} again: {exc!r}")
 
-    async def positions(self) -> tuple[int, list[ConsumerPosition]]:
-        """The stream's last sequence and every durable consumer's position (:class:`BusUnavailable` when
-        the bus cannot tell)."""
+    async def positions(self) -> tuple[int, list[ConsumerPosition], int]:
+        """The stream's last sequence, every durable consumer's position, and how many consumers the stream
+        counts but did not describe (:class:`BusUnavailable` when the bus cannot tell)."""
         import nats.errors
         import nats.js.errors
 

@@ -100,9 +100,7 @@ class Driver:
 
     def ack(self, name: str, answers: list[tuple[int, int]]) -> None:
         """``answers``: ``(id, status)`` of every response one read brought, in order."""
-        engine, now = self.engine, trio.current_time()
-        for ident, status in answers:
-            engine.ack(name, ident, status, now)
+        self.engine.ack_many(name, answers, trio.current_time())
         self._dispatch()
 
     def fail(self, name: str, idents: list[int], kind: str) -> None:

@@ -80,6 +80,7 @@ class View:
     at: float
     last_seq: int
     consumers: list[ConsumerPosition]
+    missing: int = 0  # consumers the stream counts but did not describe (not done, conservatively)
 
 
 class Fleet:
@@ -89,7 +90,7 @@ class Fleet:
         self.name = name
         self.held: dict[int, Held] = {}  # stream seq -> held message
         self._heaps: list[list[tuple[int, int]]] = [[] for _ in driver.engine.lanes]  # per lane (hi, seq)
-        self._waiting: Any = None  # the message waiting for local capacity (heartbeats cover it too)
+        self._fetched: list[Any] = []  # fetched, not yet submitted (waiting for local capacity): heartbeaten too
         self.known: OrderedDict[int, Known] = OrderedDict()
         self._acked: OrderedDict[int, None] = OrderedDict()  # recently acked seqs: a redelivery is acked again
         self._view: View | None = None
@@ -138,8 +139,10 @@ class Fleet:
             if len(self.held) >= self.bus.settings.max_ack_pending:
                 await self.driver.wait_progress(1.0)
                 continue
-            for msg in await self.bus.fetch(batch):
-                await self._deliver(msg)
+            self._fetched = await self.bus.fetch(batch)
+            while self._fetched:
+                await self._deliver(self._fetched[0])
+                self._fetched.pop(0)
 
     async def serve_acks(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Ack held messages as their batches finish on every local node; heartbeat the rest."""
@@ -154,8 +157,8 @@ class Fleet:
                 next_beat = now + beat_every
                 for held in self.held.values():
                     self.bus.in_progress(held.msg)
-                if self._waiting is not None:
-                    self.bus.in_progress(self._waiting)
+                for msg in self._fetched:
+                    self.bus.in_progress(msg)
 
     async def serve_monitor(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh the fleet view every few seconds (the lag metrics read it)."""
@@ -211,7 +214,7 @@ class Fleet:
             bus.term(msg)
             return
         stats.consumed_urls += len(batch.urls)
-        receipts = await self._submit(msg, batch.urls, batch.priority)
+        receipts = await self._submit(batch.urls, batch.priority)
         if not receipts:  # no URL valid here: nothing owed
             self.local_rejected += 1
             self._remember(seq, Known(None, batch.total, batch.priority))
@@ -228,25 +231,20 @@ class Fleet:
         heapq.heappush(self._heaps[lane], (hi, seq))
         self._ack_done()
 
-    async def _submit(self, msg: Any, urls: list[str], priority: str) -> list[Receipt]:
+    async def _submit(self, urls: list[str], priority: str) -> list[Receipt]:
         """Submit to the local engine, waiting while it is full (local ``max_pending``, a journal that cannot
         write). A batch larger than the whole local ceiling goes in halves once the log is empty."""
         driver = self.driver
-        self._waiting = msg
-        try:
-            while True:
-                try:
-                    admitted = driver.ingest(urls, "bus", priority=priority)
-                except Refused as exc:
-                    if exc.reason == "overload" and driver.engine.unique_pending() == 0 and len(urls) > 1:
-                        half = len(urls) // 2
-                        return (await self._submit(msg, urls[:half], priority)
-                                + await self._submit(msg, urls[half:], priority))
-                    await driver.wait_progress(min(1.0, exc.retry_after or 1.0))
-                    continue
-                return [] if admitted.receipt is None else [admitted.receipt]
-        finally:
-            self._waiting = None
+        while True:
+            try:
+                admitted = driver.ingest(urls, "bus", priority=priority)
+            except Refused as exc:
+                if exc.reason == "overload" and driver.engine.unique_pending() == 0 and len(urls) > 1:
+                    half = len(urls) // 2
+                    return await self._submit(urls[:half], priority) + await self._submit(urls[half:], priority)
+                await driver.wait_progress(min(1.0, exc.retry_after or 1.0))
+                continue
+            return [] if admitted.receipt is None else [admitted.receipt]
 
     def _bad(self, reason: str, seq: int | None) -> None:
         bad = self.bus.stats.bad_messages
@@ -258,10 +256,15 @@ class Fleet:
                         "purged_bus_bad_messages_total", seq, reason)
 
     def _release_held(self) -> None:
-        """Stopping: give back what is not done, so the next run gets it at once (not after ack_wait)."""
+        """Stopping: ack what is done (the drain may have just finished it), give back the rest so that the
+        next run gets it at once (not after ack_wait)."""
+        self._ack_done()
         for held in self.held.values():
             self.bus.nak(held.msg)
+        for msg in self._fetched:
+            self.bus.nak(msg)
         self.held.clear()
+        self._fetched = []
 
     # -- status ----------------------------------------------------------------------------------------------
 
@@ -271,8 +274,8 @@ class Fleet:
         async with self._view_lock:
             now = trio.current_time()
             if self._view is None or now - self._view.at > max_age:
-                last_seq, consumers = await self.bus.positions()
-                self._view = View(trio.current_time(), last_seq, consumers)
+                last_seq, consumers, missing = await self.bus.positions()
+                self._view = View(trio.current_time(), last_seq, consumers, missing)
             return self._view
 
     async def status(self, fleet_id: str, wait: float) -> dict:
@@ -284,7 +287,7 @@ class Fleet:
         if last > view.last_seq:
             raise PurgedError(f"no batch {fleet_id!r}: the stream ends at {view.last_seq}",
                               reason="unknown_batch", status=404)
-        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+        done, _ = fleet_progress(last, view.last_seq, view.consumers, view.missing)
         if not done and wait > 0 and self.waiters < self.driver.max_waiters:
             self.waiters += 1
             try:
@@ -295,7 +298,7 @@ class Fleet:
                             view = await self.view()
                         except BusUnavailable:  # a stream server failing over: ask again, keep the last view
                             continue
-                        done, _ = fleet_progress(last, view.last_seq, view.consumers)
+                        done, _ = fleet_progress(last, view.last_seq, view.consumers, view.missing)
             finally:
                 self.waiters -= 1
         return await self._status_json(fleet_id, first, last, view)
@@ -307,15 +310,18 @@ class Fleet:
             raise PurgedError(exc.detail, reason="bus_unavailable", status=503) from None
 
     async def _status_json(self, fleet_id: str, first: int, last: int, view: View) -> dict:
-        done, daemons = fleet_progress(last, view.last_seq, view.consumers)
+        done, daemons = fleet_progress(last, view.last_seq, view.consumers, view.missing)
         out_daemons = {name: asdict(p) for name, p in daemons.items()}
         local = self._local_detail(first, last)
         if self.name in out_daemons and local is not None:
             out_daemons[self.name]["datacenters"] = local
         known = self.known.get(last)
         accepted, priority = (known.accepted, known.priority) if known is not None else await self._lookup(first)
-        return {"id": fleet_id, "done": done, "accepted": accepted, "priority": priority,
-                "datacenters": local or {}, "daemons": out_daemons}
+        out = {"id": fleet_id, "done": done, "accepted": accepted, "priority": priority,
+               "datacenters": local or {}, "daemons": out_daemons}
+        if view.missing:
+            out["missing_daemons"] = view.missing
+        return out
 
     async def _lookup(self, seq: int) -> tuple[int | None, str | None]:
         data = await self.bus.get_message(seq)
@@ -354,7 +360,8 @@ class Fleet:
         """``GET /v1/fleet``: every daemon (durable consumer) with its lag and last activity."""
         view = await self._checked_view()
         return {"stream": self.bus.settings.stream, "last_seq": view.last_seq, "self": self.name,
-                "bus": self.bus.state, "daemons": fleet_table(view.last_seq, view.consumers)}
+                "bus": self.bus.state, "missing_daemons": view.missing,
+                "daemons": fleet_table(view.last_seq, view.consumers)}
 
     async def retire(self, daemon: str) -> dict:
         """``DELETE /v1/fleet/{daemon}``: delete a daemon's consumer (gone for good); 404 if unknown, 409 for

@@ -14,13 +14,21 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..core.http1 import ProtocolError, ResponseParser, encode_purge
-from ..core.urls import split_target
+from ..core.http1 import ProtocolError, ResponseParser, encode_purges
+from ..core.http1_fast import FastResponseParser
+from ..core.window import WindowControl
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
 
 log = logging.getLogger("purged.sender")
+
+RECEIVE_SIZE = 1 << 18  # one read takes everything the edge sent so far: fewer wake-ups, reads end between answers
+# After a read that emptied the socket with many answers still owed, let more arrive before the next one: an edge
+# answers a pipeline a few responses per write, and each read is a trio round (~10 us) whatever it carries. 1 ms
+# of latency on purges takes the reads from ~4 answers each to dozens (docs/benchmarks.md, issue 15).
+READ_PAUSE = 0.001
+PAUSE_OWED = 32  # answers owed for a pause to pay
 
 
 class SenderPort(Protocol):
@@ -41,14 +49,32 @@ class NodeSender:
         self.name = str(address)
         self.address = address
         self.cfg = cfg
-        self.window = cfg.window
+        self.control = self._control(cfg)
+        self.no_pipelining = False  # the edge closes after each answer: one PURGE at a time, for good
         self.pipelining_fallbacks = 0
         self.connects = 0
+        self.hand_parser = False  # llhttp refused a stream it could not hand over: the hand parser from now on
+
+    @staticmethod
+    def _control(cfg: Sender) -> WindowControl:
+        # sender.window per connection is the start (and floor), sender.max_window per connection the cap.
+        n = cfg.connections
+        return WindowControl(cfg.window * n, cfg.max_window * n, now=trio.current_time())
+
+    @property
+    def window(self) -> int:
+        """PURGEs in flight allowed per connection now (the node's adaptive window split over them)."""
+        return 1 if self.no_pipelining else max(1, self.control.limit // self.cfg.connections)
+
+    @property
+    def node_window(self) -> int:
+        return self.window * self.cfg.connections
 
     def reconfigure(self, cfg: Sender) -> None:
-        """A reload: a window lowered by a pipelining fallback stays lowered."""
-        if self.cfg.window == self.window:
-            self.window = cfg.window
+        """A reload: the window adapts again from the new start (a pipelining fallback stays)."""
+        if (cfg.window, cfg.max_window, cfg.connections) != (self.cfg.window, self.cfg.max_window,
+                                                            self.cfg.connections):
+            self.control = self._control(cfg)
         self.cfg = cfg
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,6 +105,7 @@ class NodeSender:
             if kind is None:
                 port.requeue(name, list(fifo))
             else:
+                self.control.failed(trio.current_time())
                 port.fail(name, list(fifo), kind)
                 log.info("%s: connection %s with %d unanswered; they will be resent", name, kind, len(fifo))
                 await trio.sleep(port.reconnect_delay(name))
@@ -89,6 +116,8 @@ class NodeSender:
         port, name = self.port, self.name
         space = trio.Event()
         sent_at = 0.0
+        control = self.control
+        batches: deque[list] = deque()  # [sent at, requests of that write not answered yet], oldest first
         result: list[str | None] = ["reset"]
 
         def end(kind: str | None) -> None:
@@ -100,6 +129,7 @@ class NodeSender:
             while True:
                 room = self.window - len(fifo)
                 if room <= 0:
+                    control.full(trio.current_time())  # the window, not the engine, holds the next ones back
                     await space.wait()
                     space = trio.Event()
                     continue
@@ -107,17 +137,31 @@ class NodeSender:
                 if not items:
                     await port.wait(name)  # the engine wakes this node when it may have something
                     continue
+                now = trio.current_time()
                 if not fifo:
-                    sent_at = trio.current_time()
-                fifo.extend(seq for seq, _ in items)
-                data = b"".join(encode_purge(*split_target(target)) for _, target in items)
+                    sent_at = now
+                batches.append([now, len(items)])
+                fifo.extend([seq for seq, _ in items])
+                data = encode_purges([target for _, target in items])
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     return end("reset")
 
+        def answered_rtt(n: int, now: float) -> float:
+            """How long the oldest of ``n`` answers was in flight; forgets their writes."""
+            rtt = now - batches[0][0]
+            while n:
+                batch = batches[0]
+                if batch[1] > n:
+                    batch[1] -= n
+                    break
+                n -= batch[1]
+                batches.popleft()
+            return rtt
+
         async def reader() -> None:
-            parser = ResponseParser()
+            parser = ResponseParser() if self.hand_parser else FastResponseParser()
             answered = 0
             timeout = self.cfg.timeout
             last_data = trio.current_time()
@@ -125,7 +169,7 @@ class NodeSender:
                 data = None
                 with trio.move_on_after(min(timeout, 1.0)):
                     try:
-                        data = await stream.receive_some(65536)
+                        data = await stream.receive_some(RECEIVE_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         return end("reset")
                 now = trio.current_time()
@@ -138,8 +182,21 @@ class NodeSender:
                     responses = parser.feed(data) if data else parser.feed_eof()
                 except ProtocolError as exc:
                     log.warning("%s: bad response (%s): %s", name, exc.reason, exc.detail)
+                    if getattr(parser, "needs_hand_parser", False):
+                        self.hand_parser = True
                     return end("protocol")
                 closing = not data
+                n = len(responses)
+                if n and n <= len(fifo) and responses[-1].keep_alive and not closing:
+                    # The usual read: every answer keeps the connection open and matches a request sent.
+                    popleft = fifo.popleft
+                    port.ack(name, [(popleft(), resp.status) for resp in responses])
+                    answered += n
+                    control.acked(n, answered_rtt(n, now), now)
+                    space.set()
+                    if len(fifo) >= PAUSE_OWED and len(data) < RECEIVE_SIZE // 2:
+                        await trio.sleep(READ_PAUSE)
+                    continue
                 answers = []
                 for resp in responses:
                     if not fifo:
@@ -151,13 +208,14 @@ class NodeSender:
                     if not resp.keep_alive:
                         if answered == 1 and fifo and self.window > 1:
                             # The edge closes after one answer with more queued: it does not pipeline.
-                            self.window = 1
+                            self.no_pipelining = True
                             self.pipelining_fallbacks += 1
                             log.warning("%s: closes after each response; sending one at a time", name)
                         closing = True
                         break
                 if answers:
                     port.ack(name, answers)
+                    control.acked(len(answers), answered_rtt(len(answers), now), now)
                     space.set()
                 if closing:
                     return end(None if answered or not fifo else "closed")

@@ -1,9 +1,10 @@
-"""A fleet member whose node is slow for longer than ``bus.nats.ack_wait``: the held message is heartbeaten
-(``in_progress``), so JetStream does not hand it again, the fleet status says not done, and once the node
-answers the message is acked and the status turns done. In-process daemon, real 1-server JetStream, a stub
-edge that stalls on request."""
+"""A fleet member in-process, on a real 1-server JetStream, with a stub edge that stalls on request: a node slow
+for longer than ``bus.nats.ack_wait`` (heartbeats, no redelivery), a consumer deleted under a running daemon,
+more daemons than one page of the consumer list; and a daemon without a bus has no fleet routes."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 import trio
@@ -89,6 +90,41 @@ async def test_consumer_deleted_under_a_running_daemon_comes_back(tmp_path):
                         await trio.sleep(0.5)
                 status = (await client.get(f"/v1/purge/{r.json()['id']}", params={"wait": 10})).json()
                 assert status["done"] is True and "back.again" in status["daemons"], status
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(cluster.stop)
+
+
+async def test_status_counts_every_consumer_past_one_page(tmp_path):
+    """300 more durable consumers (the server lists 256 a page) that never ack: a batch is not done, and
+    ``/v1/fleet`` lists every daemon."""
+    import nats
+    from nats.js.api import ConsumerConfig
+
+    cluster = await trio.to_thread.run_sync(lambda: NatsCluster(tmp_path / "nats", size=1).start())
+    try:
+        async with trio.open_nursery() as nursery:
+            edge = StubEdge()
+            port = await nursery.start(serve_stub_edge, edge)
+            bus = {"nats": {"servers": cluster.urls}}
+            cfg = config_for({"a": [[f"127.0.0.1:{port}"]]}, name="many", bus=bus)
+            async with running_daemon(cfg) as (service, client):
+                await service.bus.ready.wait()
+
+                async def add_consumers() -> None:
+                    nc = await nats.connect(cluster.urls)
+                    js = nc.jetstream()
+                    for i in range(300):
+                        await js.add_consumer("PURGED", ConsumerConfig(durable_name=f"idle{i}"))
+                    await nc.close()
+
+                await trio.to_thread.run_sync(lambda: asyncio.run(add_consumers()))
+                r = await client.post("/v1/purge", json={"urls": ["http://h.test/x"]})
+                status = (await client.get(f"/v1/purge/{r.json()['id']}", params={"wait": 1})).json()
+                assert status["done"] is False and len(status["daemons"]) == 301, len(status["daemons"])
+                assert status["daemons"]["many"]["done"] is True
+                fleet = (await client.get("/v1/fleet")).json()
+                assert len(fleet["daemons"]) == 301 and fleet["missing_daemons"] == 0
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cluster.stop)
