@@ -248,6 +248,7 @@ def test_split_batches_priority_and_a_small_local_ceiling(tmp_path):
         assert status["done"] is True and status["priority"] == "high", status
         text = httpx.get(daemons[0].url + "/metrics", timeout=5).text
         assert 'purged_purges_accepted_total{source="bus"} 5001.0' in text
+        assert 'purged_purges_accepted_total{source="http"} 5000.0' in text  # what it published
 
         c = _config(tmp_path / "c.yaml", "cp_a", nodes[0].address, ports[2], cluster.urls, replicas=1)
         imposter = PurgedProcess(c, ports[2], tmp_path)

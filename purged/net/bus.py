@@ -149,7 +149,7 @@ class NatsBus:
         s = self.settings
         self._nc = await nats.connect(
             list(s.servers), name=f"purged {self.name}", connect_timeout=s.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, dont_randomize=not s.randomize,
             ping_interval=5, max_outstanding_pings=3,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
         )
