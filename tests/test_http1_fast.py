@@ -16,7 +16,7 @@ from test_http1_h11 import broken_response, cuts, response, split, streams
 from purged.core.http1 import ProtocolError, ResponseParser
 from purged.core.http1_fast import FastResponseParser
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def outcome(cls, chunks: list[bytes], eof: bool) -> tuple:
