@@ -127,13 +127,9 @@ class NodeSender:
         async def writer() -> None:
             nonlocal space, sent_at
             while True:
-                window = self.window
-                room = window - len(fifo)
-                if room <= 0 or (fifo and room < window >> 2):
-                    # Full, or nearly: wait for a quarter of the window before writing again, so that writes
-                    # (and takes) come in batches rather than one per read of a few answers.
-                    if room <= 0:
-                        control.full(trio.current_time())  # the window, not the engine, holds the rest back
+                room = self.window - len(fifo)
+                if room <= 0:
+                    control.full(trio.current_time())  # the window, not the engine, holds the next ones back
                     await space.wait()
                     space = trio.Event()
                     continue
