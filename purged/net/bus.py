@@ -16,7 +16,9 @@ creates the stream when missing and this daemon's durable pull consumer, and off
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,8 @@ class NatsBus:
         self._sub: Any = None
         self._logged = 0.0
         self._fetch_failures = 0
+        self._msg_prefix = f"{self.consumer}-{secrets.token_hex(4)}-"  # Nats-Msg-Id: the stream's dedup key
+        self._msg_ids = itertools.count(1)
 
     @property
     def connected(self) -> bool:
@@ -149,7 +153,7 @@ class NatsBus:
         s = self.settings
         self._nc = await nats.connect(
             list(s.servers), name=f"purged {self.name}", connect_timeout=s.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, dont_randomize=not s.randomize,
             ping_interval=5, max_outstanding_pings=3,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
         )
@@ -207,14 +211,6 @@ class NatsBus:
             with contextlib.suppress(Exception):
                 await self._nc.close()
 
-    async def _publish_all(self, payloads: list[bytes]) -> list[int]:
-        seqs = []
-        for data in payloads:
-            ack = await self._js.publish(self.subject, data, timeout=self.settings.publish_timeout,
-                                         stream=self.settings.stream)
-            seqs.append(ack.seq)
-        return seqs
-
     async def _fetch(self, batch: int) -> list:
         import nats.errors
 
@@ -256,38 +252,59 @@ class NatsBus:
             self._logged = now
             log.warning("%s", text)
 
-    def _fail(self, reason: str, detail: str) -> BusUnavailable:
+    def fail(self, reason: str, detail: str) -> BusUnavailable:
+        """Count a publish that cannot be done (``reason`` labels purged_bus_publish_failures_total)."""
         self.stats.publish_failures[reason] = self.stats.publish_failures.get(reason, 0) + 1
         return BusUnavailable(detail)
 
     async def publish(self, payloads: list[bytes], urls: int) -> list[int]:
         """Publish each message in order; the stream sequences once JetStream stored each (with its
-        replicas). :class:`BusUnavailable` when not connected, on a timeout, or on any error."""
-        import nats.errors
-        import nats.js.errors
-
-        if not self.connected:
-            raise self._fail("disconnected" if self.ready.is_set() else "not_ready",
-                             f"the bus is {self.state}; retry later")
+        replicas). Within ``publish_timeout`` a failover is waited out: while disconnected, or when the
+        stream has no leader for a moment, the same message is published again, with the same
+        ``Nats-Msg-Id`` so that the stream stores it once. :class:`BusUnavailable` past the deadline, at once
+        before the bus was ever set up, and on an error that a retry cannot cure."""
+        if not self.ready.is_set():
+            raise self.fail("not_ready", f"the bus is {self.state} (not set up yet); retry later")
         start = trio.current_time()
-        try:
-            with trio.fail_after(self.settings.publish_timeout * len(payloads) + 1):
-                seqs = await self._thread.run(self._publish_all(payloads))
-        except (TimeoutError, trio.TooSlowError, nats.errors.TimeoutError):
-            raise self._fail("timeout", "the stream did not acknowledge in bus.nats.publish_timeout") from None
-        except nats.errors.NoRespondersError:
-            raise self._fail("no_responders", "no stream leader answered (JetStream unavailable)") from None
-        except nats.js.errors.NoStreamResponseError:
-            raise self._fail("no_stream", f"no stream {self.settings.stream} (deleted?)") from None
-        except nats.js.errors.APIError as exc:
-            raise self._fail("api_error", f"JetStream refused the publish: {exc.description}") from None
-        except (nats.errors.Error, OSError) as exc:
-            raise self._fail("disconnected", f"bus error: {type(exc).__name__}") from None
+        deadline = start + self.settings.publish_timeout
+        seqs = [await self._publish_one(data, f"{self._msg_prefix}{next(self._msg_ids)}", deadline)
+                for data in payloads]
         st = self.stats
         st.publish_seconds.observe(trio.current_time() - start)
         st.published_messages += len(seqs)
         st.published_urls += urls
         return seqs
+
+    async def _publish_one(self, data: bytes, msg_id: str, deadline: float) -> int:
+        import nats.errors
+        import nats.js.errors
+
+        reason, detail = "timeout", "the stream did not acknowledge in bus.nats.publish_timeout"
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise self.fail(reason, detail)
+            if self.state != "connected":
+                reason, detail = "disconnected", f"the bus is {self.state}"
+                await trio.sleep(min(0.1, remaining))
+                continue
+            publish = self._js.publish(self.subject, data, timeout=remaining, stream=self.settings.stream,
+                                       headers={"Nats-Msg-Id": msg_id})
+            try:
+                with trio.fail_after(remaining + 1):
+                    return (await self._thread.run(publish)).seq
+            except (TimeoutError, trio.TooSlowError, nats.errors.TimeoutError):
+                reason, detail = "timeout", "the stream did not acknowledge in bus.nats.publish_timeout"
+                continue
+            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+                reason, detail = "no_responders", "no stream leader answered (failing over, or no stream)"
+            except nats.js.errors.ServiceUnavailableError:
+                reason, detail = "unavailable", "JetStream is unavailable (failing over)"
+            except nats.js.errors.APIError as exc:  # a refusal a retry cannot cure (a stream limit, ...)
+                raise self.fail("api_error", f"JetStream refused the publish: {exc.description}") from None
+            except (nats.errors.Error, OSError) as exc:
+                reason, detail = "disconnected", f"bus error: {type(exc).__name__}"
+            await trio.sleep(min(0.2, max(0.0, deadline - trio.current_time())))
 
     async def fetch(self, batch: int) -> list:
         """Up to ``batch`` messages for this daemon's consumer (waits up to a second; [] when none)."""

@@ -27,7 +27,7 @@ import trio
 
 from ..core.admission import Admitted, Refused
 from ..core.auth import Token
-from ..core.engine import Receipt
+from ..core.engine import Receipt, SourceStats
 from ..core.errors import PurgedError
 from ..core.fleet import (
     BadMessage,
@@ -111,12 +111,20 @@ class Fleet:
         if not targets:
             return Admitted(None, checked.rejected)
         try:
-            payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
-                                    max_payload=self.bus.max_payload)
+            try:
+                payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
+                                        max_payload=self.bus.max_payload)
+            except ValueError as exc:  # a URL longer than the server's max_payload: the server's config
+                raise self.bus.fail("too_large", str(exc)) from None
             seqs = await self.bus.publish(payloads, len(targets))
         except BusUnavailable as exc:
             driver.engine.reject(source, "bus_unavailable", len(targets))
             raise Refused(exc.detail, reason="bus_unavailable", status=503, retry_after=BUS_RETRY_AFTER) from None
+        # Counted by source like a local submit (purged_purges_accepted_total{source="http"}); the local engine
+        # counts the same purges again under source "bus" when this daemon consumes them.
+        stats = driver.engine.sources.setdefault(source, SourceStats())
+        stats.received += len(targets)
+        stats.accepted += len(targets)
         if seqs[-1] not in self.known:  # our own consumer may have had it already (it knows the local batch)
             self._remember(seqs[-1], Known(None, len(targets), priority))
         return Admitted(Receipt(format_fleet_id(seqs[0], seqs[-1]), len(targets), 0), checked.rejected)

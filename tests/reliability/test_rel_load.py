@@ -125,8 +125,7 @@ async def test_storm_against_a_low_max_pending_gets_429s_bounded_memory_and_lose
     refused: list[httpx.Response] = []
     accepted_ids: list[str] = []
     answers: list[int] = []
-    rss: list[int] = []
-    pending: list[int] = []
+    pending: list[int] = []  # purged_unique_pending, sampled
     try:
         rss_start = daemon.rss_kib()
         async with httpx.AsyncClient(base_url=daemon.base_url, timeout=30) as client:
@@ -147,7 +146,6 @@ async def test_storm_against_a_low_max_pending_gets_429s_bounded_memory_and_lose
 
             async def sampler(stop: trio.Event) -> None:
                 while not stop.is_set():
-                    rss.append(daemon.rss_kib())
                     text = (await client.get("/metrics")).text
                     pending.append(int(oracle.metric_sum(text, "purged_unique_pending")))
                     with trio.move_on_after(0.05):
@@ -155,8 +153,8 @@ async def test_storm_against_a_low_max_pending_gets_429s_bounded_memory_and_lose
 
             stop = trio.Event()
             t0 = time.monotonic()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sampler, stop)
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(sampler, stop)
                 async with trio.open_nursery() as posters:
                     for i in range(2):
                         posters.start_soon(poster, batches[i::2])
@@ -182,8 +180,7 @@ async def test_storm_against_a_low_max_pending_gets_429s_bounded_memory_and_lose
 
     print(f"storm: {STORM_URLS} offered in {storm_seconds:.1f} s, {len(accepted_ids) - 1} batches accepted (+1 "
           f"after it; {len(ledger.accepted)} URLs, {len(ledger.keys())} unique), {len(refused)} refused with 429; "
-          f"unique pending max "
-          f"{max(pending)}; RSS start {rss_start / 1024:.1f} MiB, peak {rss_peak / 1024:.1f} MiB")
+          f"unique pending max {max(pending)}; RSS start {rss_start / 1024:.1f} MiB, peak {rss_peak / 1024:.1f} MiB")
     # 429s happened, each with Retry-After and the named reason; and the ceiling held.
     assert len(refused) >= 10
     assert all(int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "overload" for r in refused)
