@@ -266,3 +266,17 @@ def test_split_batches_priority_and_a_small_local_ceiling(tmp_path):
             d.kill()
         stop_all(nodes)
         cluster.stop()
+
+
+def test_bridge_bench_smoke():
+    """bench/fleet_bridge.py end to end with tiny counts, so the script does not rot (figures: docs/fleet.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "fleet_bridge.py"), "--seconds", "0.5", "--rounds",
+                        "1", "--busy", "0", "--publishers", "2"], capture_output=True, text=True, timeout=120,
+                       cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "thread: median publish" in r.stdout and "consume" in r.stdout, r.stdout
