@@ -9,6 +9,7 @@ Also: the bus unreachable gives 503 ``bus_unavailable``; an unreadable stream me
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 
@@ -187,6 +188,8 @@ def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path, capsys):
             if d is not None:
                 d.kill()
         stop_all(nodes)
+        for node in nodes:  # the shared-memory log (vsl_space) is the bulk, as in conftest's fixture
+            shutil.rmtree(node.instance_dir, ignore_errors=True)
         cluster.stop()
 
 
@@ -265,6 +268,8 @@ def test_split_batches_priority_and_a_small_local_ceiling(tmp_path):
         for d in daemons:
             d.kill()
         stop_all(nodes)
+        for node in nodes:  # the shared-memory log (vsl_space) is the bulk, as in conftest's fixture
+            shutil.rmtree(node.instance_dir, ignore_errors=True)
         cluster.stop()
 
 
