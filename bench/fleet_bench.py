@@ -26,6 +26,7 @@ DC) and one real ``varnishd``. Then:
     .venv/bin/python bench/fleet_bench.py --quick                 # ~2 minutes: both parts, small counts
     .venv/bin/python bench/fleet_bench.py                         # the full run: 6 DCs x (50 stubs + 1 Varnish)
     .venv/bin/python bench/fleet_bench.py --only throughput --tp-batches 80
+    .venv/bin/python bench/fleet_bench.py --only simulation --hosts 4   # per-host shape: 4 daemons per DC, 2 nodes each
 
 Needs root (namespaces, TUN) for the simulation, nats-server and varnishd. Every loop is bounded in count and
 time; processes are stopped by PID; namespaces are deleted by name on exit, also on error or Ctrl-C.
@@ -43,39 +44,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Varnish, machine_note, median  # noqa: E402
+from common import machine_note, median  # noqa: E402
 from fleet_harness import (  # noqa: E402
     EdgeStubs,
     FleetDaemon,
     PostLog,
     batch_body,
-    fleet_lags,
+    cores_note,
+    errors_note,
     latencies,
-    machine_busy,
+    ms,
     percentile,
     post_paced,
+    sec,
     table,
 )
 from fleet_nats import NatsCluster  # noqa: E402
+from fleet_sim import Fleet, catch_up, max_rate, steady  # noqa: E402
 from netns_topology import Topology  # noqa: E402
-
-
-def cores_note(cores: dict[str, float]) -> str:
-    """"daemons 0.61, stubs 0.10, ... of 2" (cores each kind used; machine: every process, others' too)."""
-    return ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + f" of {os.cpu_count()} cores"
-
-
-def ms(x: float) -> str:
-    return "n/a" if x != x else f"{x * 1000:,.0f}"
-
-
-def errors_note(errors: list[str]) -> str:
-    return f" (first: {errors[0][:300]})" if errors else ""
-
-
-def sec(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1f}"
-
 
 # -- throughput on loopback --------------------------------------------------------------------------------------
 
@@ -191,208 +177,25 @@ def wait_total(stubs: EdgeStubs, targets: dict[int, int], timeout: float) -> dic
 # -- the simulation ------------------------------------------------------------------------------------------------
 
 
-class Fleet:
-    """The simulated fleet inside a topology: NATS, and per DC stubs + Varnish + one daemon."""
-
-    def __init__(self, topo: Topology, args, *, bus: bool = True):
-        self.topo, self.args, self.bus = topo, args, bus
-        n = len(topo)
-        self.nats_dcs = sorted({round(i * n / 3) for i in range(3)})
-        self.nats = NatsCluster([(topo.netns[i], topo.addr[i]) for i in self.nats_dcs])
-        self.stubs: list[EdgeStubs] = []
-        self.varnish: list[Varnish] = []
-        self.daemons: list[FleetDaemon] = []
-        self.idle = [0.0] * n  # cores each daemon uses with nothing to do (measured by simulation())
-
-    def __enter__(self) -> Fleet:
-        try:
-            self.nats.__enter__()
-            for ns, addr in zip(self.topo.netns, self.topo.addr, strict=True):
-                self.stubs.append(EdgeStubs(addr, self.args.nodes, netns=ns, base_port=10000))
-                self.varnish.append(Varnish(addr, 6081, netns=ns).start())
-            for i in range(len(self.topo)):
-                local = [u for j, u in zip(self.nats_dcs, self.nats.urls, strict=True) if j == i]
-                servers = local + [u for u in self.nats.urls if u not in local]
-                nodes = [*self.stubs[i].nodes, self.varnish[i].address]
-                d = FleetDaemon(f"dc{i}", nodes, servers if self.bus else None, netns=self.topo.netns[i], replicas=3,
-                                window=self.args.window, connections=1)
-                self.daemons.append(d.start(timeout=60))
-            for d in self.daemons:
-                if self.bus:
-                    d.wait_bus()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for d in self.daemons:
-            d.cleanup()
-        for v in self.varnish:
-            v.stop()
-        for s in self.stubs:
-            s.stop()
-        self.nats.stop()
-
-    def stats(self) -> list[dict]:
-        return [s.stats() for s in self.stubs]
-
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each kind of process we run, and of the whole machine (others' load too)."""
-        from common import cpu_seconds
-
-        out = {
-            "daemons": sum(d.cpu_seconds() for d in self.daemons),
-            "stubs": sum(s.cpu_seconds() for s in self.stubs),
-            "varnish": sum(v.cpu_seconds() for v in self.varnish),
-            "nats": sum(cpu_seconds(pid) for pid in self.nats.pids() if os.path.exists(f"/proc/{pid}")),
-            "hub": self.topo.hub_cpu_seconds(),
-            "bench": cpu_seconds(os.getpid()),  # the poster and the polls
-        }
-        out["machine"], _ = machine_busy()
-        return out
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait (bounded) until every daemon's lag is 0 in ``GET /v1/fleet``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lags = fleet_lags(self.daemons[0].fleet())
-            if lags and all(d.get("lag") == 0 for d in lags.values()):
-                return True
-            time.sleep(0.25)
-        return False
-
-    def wait_complete(self, posted, dcs: list[int], timeout: float) -> dict[int, float]:
-        """Poll every DC's stub until each posted batch is at each of its nodes; when each DC got there."""
-        need = {p.group: p.urls * self.args.nodes for p in posted}
-        done: dict[int, float] = {}
-        deadline = time.monotonic() + timeout
-        while len(done) < len(dcs) and time.monotonic() < deadline:
-            for i in dcs:
-                if i in done:
-                    continue
-                groups = self.stubs[i].stats()["groups"]
-                if all(groups.get(g, (0,))[0] >= n for g, n in need.items()):
-                    done[i] = time.monotonic()
-            time.sleep(0.25)
-        return done
-
-
-def steady(fleet: Fleet, run: str, rate: float, batch: int, seconds: float, drain: float) -> dict:
-    daemons = fleet.daemons
-    v0 = [v.n_purges() for v in fleet.varnish]
-    s0 = [s["total"] for s in fleet.stats()]
-    cpu0 = [d.cpu_seconds() for d in daemons]
-    parts0 = fleet.cpu()
-    log = PostLog()
-    t0 = time.monotonic()
-    post_paced(daemons, run, rate, batch, seconds, log)
-    t_post = time.monotonic()
-    done = fleet.wait_complete(log.posted, list(range(len(daemons))), drain)
-    t_end = time.monotonic()
-    cpu1 = [d.cpu_seconds() for d in daemons]
-    parts = {k: (v - parts0[k]) / (t_end - t0) for k, v in fleet.cpu().items()}
-    stats = fleet.stats()
-    v1 = [v.n_purges() for v in fleet.varnish]
-    per_dc = []
-    for i, d in enumerate(daemons):
-        lat, incomplete = latencies(log.posted, stats[i]["groups"], fleet.args.nodes)
-        purges = (stats[i]["total"] - s0[i]) + (v1[i] - v0[i])
-        per_dc.append({"name": d.name, "lat": lat, "incomplete": incomplete, "purges": purges,
-                       "varnish": v1[i] - v0[i], "cpu": cpu1[i] - cpu0[i], "complete": i in done})
-    posts = [p.acked - p.sent for p in log.posted]
-    return {"per_dc": per_dc, "posted": log.posted, "errors": log.errors, "behind": log.behind_max,
-            "post_lat": posts, "elapsed": t_end - t0, "posting": t_post - t0, "cores": parts,
-            "urls": sum(p.urls for p in log.posted)}
-
-
 def steady_rows(fleet: Fleet, r: dict) -> list[list[str]]:
     rows = []
+    nodes = f"{fleet.ports}+1" if fleet.hosts == 1 else f"{fleet.hosts}x2"
     for i, dc in enumerate(r["per_dc"]):
-        posts = [p.acked - p.sent for p in r["posted"] if p.daemon == dc["name"]]
+        purges, cpu = dc["purges"], dc["cpu"]
         rows.append([
-            dc["name"], "yes" if i in fleet.nats_dcs else "", f"{fleet.args.nodes}+1",
-            ms(percentile(posts, 50)), ms(percentile(posts, 99)),
+            dc["name"], "yes" if i in fleet.nats_dcs else "", nodes,
+            ms(percentile(dc["post_lat"], 50)), ms(percentile(dc["post_lat"], 99)),
             ms(percentile(dc["lat"], 50)), ms(percentile(dc["lat"], 99)), ms(max(dc["lat"], default=float("nan"))),
-            f"{len(dc['lat'])}/{len(r['posted'])}", f"{dc['purges']:,}",
-            f"{dc['cpu'] / dc['purges'] * 1e6:.1f}" if dc["purges"] else "n/a",
-            f"{(dc['cpu'] - fleet.idle[i] * r['elapsed']) / dc['purges'] * 1e6:.1f}" if dc["purges"] else "n/a",
-            f"{dc['cpu'] / r['elapsed']:.2f}",
+            f"{len(dc['lat'])}/{len(r['posted'])}", f"{purges:,}",
+            f"{cpu / purges * 1e6:.1f}" if purges else "n/a",
+            f"{(cpu - fleet.idle[i] * r['elapsed']) / purges * 1e6:.1f}" if purges else "n/a",
+            f"{cpu / r['elapsed']:.2f}",
         ])
     return rows
 
 
 STEADY_HEADERS = ["DC", "NATS", "nodes", "2xx p50 ms", "2xx p99 ms", "last node p50 ms", "p99 ms", "max ms",
                   "batches at all nodes", "PURGEs", "us CPU/PURGE", "net of idle", "cores"]
-
-
-def catch_up(fleet: Fleet, run: str, rate: float, batch: int, down: float, timeout: float) -> dict:
-    victim_i = len(fleet.daemons) - 1
-    victim = fleet.daemons[victim_i]
-    others = [d for d in fleet.daemons if d is not victim]
-    observer = others[0]
-    log, stop = PostLog(), threading.Event()
-    t_kill = time.monotonic()
-    victim.kill()
-    poster = threading.Thread(target=post_paced, args=(others, run, rate, batch, down, log),
-                              kwargs={"stop": stop}, daemon=True)
-    poster.start()
-    poster.join(down + 130)
-    stop.set()
-    # A batch posted while it was down: does the fleet say so? (done false, the victim not done)
-    status_down = None
-    if log.posted and log.posted[-1].id:
-        _, body = observer.request("GET", f"/v1/purge/{log.posted[-1].id}")
-        status_down = (body.get("done"), ((body.get("daemons") or {}).get(victim.name) or {}).get("done"))
-    lag_before = fleet_lags(observer.fleet()).get(victim.name, {}).get("lag")
-    t_restart = time.monotonic()
-    victim.start(timeout=60)
-    victim.wait_bus()
-    t_ready = time.monotonic()
-    t_lag0 = None
-    deadline = t_restart + timeout
-    while time.monotonic() < deadline:
-        lag = fleet_lags(observer.fleet()).get(victim.name, {}).get("lag")
-        if lag == 0:
-            t_lag0 = time.monotonic()
-            break
-        time.sleep(0.1)
-    done = fleet.wait_complete(log.posted, [victim_i], max(1.0, deadline - time.monotonic()))
-    return {"victim": victim.name, "down": t_restart - t_kill, "urls": sum(p.urls for p in log.posted),
-            "lag_before": lag_before, "ready": t_ready - t_restart, "status_down": status_down,
-            "lag0": None if t_lag0 is None else t_lag0 - t_restart,
-            "stubs": done[victim_i] - t_restart if victim_i in done else None, "errors": log.errors}
-
-
-def max_rate(fleet: Fleet, run: str, args) -> tuple[float, list[str]]:
-    """Double the rate from ``--rate`` until a step fails, then bisect twice between the last good and the
-    failed rate. Before each step the fleet drains (every daemon's lag 0, bounded) so steps do not mix."""
-    best, lines, rate, step, failed = 0.0, [], args.rate, 0, None
-    while rate <= args.max_rate and step < 12:
-        fleet.wait_idle(args.timeout)
-        batch = max(args.batch, int(rate / 5))
-        r = steady(fleet, f"{run}s{step}", rate, batch, args.step_seconds, args.drain)
-        p99 = max((percentile(dc["lat"], 99) for dc in r["per_dc"]), default=float("nan"))
-        ok = (all(dc["complete"] for dc in r["per_dc"]) and not r["errors"] and r["behind"] < 1.0
-              and p99 == p99 and p99 <= args.slo)
-        us = sum(dc["cpu"] for dc in r["per_dc"]) / max(1, sum(dc["purges"] for dc in r["per_dc"])) * 1e6
-        lines.append(f"  {rate:>7,.0f} URLs/s ({rate * (args.nodes + 1) * len(fleet.daemons):>9,.0f} PURGE/s in "
-                     f"all; batches of {batch}): worst DC p99 {ms(p99)} ms, posting late by up to "
-                     f"{r['behind'] * 1000:,.0f} ms, {us:.1f} us CPU/PURGE in daemons; cores: {cores_note(r['cores'])}; "
-                     f"{len(r['errors'])} post errors{errors_note(r['errors'])} -> {'ok' if ok else 'FAILED'}")
-        print(lines[-1], flush=True)
-        step += 1
-        if ok:
-            best = rate
-        else:
-            failed = rate
-        if failed is None:
-            rate *= 2
-        elif failed - best <= max(args.rate / 2, best * 0.2) or step >= 12:
-            break
-        else:
-            rate = round((best + failed) / 2)
-    return best, lines
 
 
 def simulation(args) -> list[str]:
@@ -403,16 +206,16 @@ def simulation(args) -> list[str]:
         print("\n".join(lines), flush=True)
 
     with Topology(dcs=args.dcs, link_ms=args.link_ms) as topo, Fleet(topo, args) as fleet:
+        per_url = fleet.nodes_per_dc * args.dcs  # PURGEs one URL makes in the whole fleet
         say(f"simulation: {args.dcs} DCs (namespaces), star with {args.link_ms:g} ms spokes = "
-                   f"{4 * args.link_ms:g} ms DC-to-DC RTT; NATS servers in "
-                   f"{', '.join(f'dc{i}' for i in fleet.nats_dcs)} (stream replicas 3); per DC one daemon "
-                   f"purging {args.nodes} stub nodes + 1 varnishd")
+            f"{4 * args.link_ms:g} ms DC-to-DC RTT; NATS servers in {', '.join(f'dc{i}' for i in fleet.nats_dcs)} "
+            f"(stream replicas 3); {fleet.shape} ({len(fleet.daemons)} daemons)")
         where = {f"n{k}": f"dc{i}" for k, i in enumerate(fleet.nats_dcs)}
         leader = fleet.nats.stream_leader("PURGED")
         clients = fleet.nats.clients()
-        say(f"  stream leader {leader} (in {where.get(leader)}); each daemon's NATS connection (nats-py "
-                   f"picks a server of its list at random): " + ", ".join(
-                       f"{d.name}->{where.get(clients.get(f'purged {d.name}'), '?')}" for d in fleet.daemons))
+        say(f"  stream leader {leader} (in {where.get(leader)}); each daemon's NATS connection (nats-py picks a "
+            "server of its list at random): " + ", ".join(
+                f"{d.name}->{where.get(clients.get(f'purged {d.name}'), '?')}" for d in fleet.daemons))
         run = f"sim{os.getpid()}x{int(time.time())}"
         warm = steady(fleet, run + "w", 10, 1, 1.0, 60)  # connections up, consumers created, caches warm
         if not all(dc["complete"] for dc in warm["per_dc"]):
@@ -420,43 +223,40 @@ def simulation(args) -> list[str]:
         if warm["errors"]:
             print(f"warm-up: {len(warm['errors'])} post errors{errors_note(warm['errors'])}", flush=True)
         idle_s = 3.0 if args.quick else 10.0
-        c0 = [d.cpu_seconds() for d in fleet.daemons]
-        time.sleep(idle_s)
-        idle = [(d.cpu_seconds() - a) / idle_s for d, a in zip(fleet.daemons, c0, strict=True)]
-        say(f"idle: each daemon uses {median(idle):.3f} cores with nothing to purge (median over "
-                   f"{idle_s:g} s: the bus's pulls and heartbeats, timers)")
-        fleet.idle = idle
+        idle = fleet.measure_idle(idle_s)
+        say(f"idle: each daemon uses {median(idle) / fleet.hosts:.3f} cores with nothing to purge (median over "
+            f"{idle_s:g} s: the bus's pulls and heartbeats, timers)")
         r = steady(fleet, run + "a", args.rate, args.batch, args.seconds, args.drain)
         say(f"steady: {args.rate:g} URLs/s for {args.seconds:g} s in batches of {args.batch} "
-                   f"({args.rate * (args.nodes + 1) * args.dcs:,.0f} PURGE/s in all), {len(r['posted'])} batches "
-                   f"posted round robin; {len(r['errors'])} post errors{errors_note(r['errors'])}; posting late "
-                   f"by up to {r['behind'] * 1000:,.0f} ms")
+            f"({args.rate * per_url:,.0f} PURGE/s in all), {len(r['posted'])} batches posted round robin to the "
+            f"daemons; {len(r['errors'])} post errors{errors_note(r['errors'])}; posting late by up to "
+            f"{r['behind'] * 1000:,.0f} ms")
         say(table(STEADY_HEADERS, steady_rows(fleet, r)))
         total_cpu = sum(dc["cpu"] for dc in r["per_dc"])
         total_purges = sum(dc["purges"] for dc in r["per_dc"])
         say(f"  all daemons: {total_cpu / total_purges * 1e6:.1f} us CPU per PURGE "
-                   f"(median per daemon {median([dc['cpu'] / dc['purges'] * 1e6 for dc in r['per_dc']]):.1f}); "
-                   f"cores used while it ran: {cores_note(r['cores'])}")
+            f"(median per DC {median([dc['cpu'] / dc['purges'] * 1e6 for dc in r['per_dc']]):.1f}); "
+            f"cores used while it ran: {cores_note(r['cores'])}")
         c = catch_up(fleet, run + "c", args.rate, args.batch, args.down, args.timeout)
         sd = c["status_down"] or ("n/a", "n/a")
         say(f"catch-up: {c['victim']} SIGKILLed, down {c['down']:.1f} s while {c['urls']:,} URLs were posted "
-                   f"to the others (its lag then: {c['lag_before']} messages; a batch posted meanwhile, asked on "
-                   f"another daemon: done={sd[0]}, {c['victim']} done={sd[1]}); restarted: ready in "
-                   f"{c['ready']:.1f} s, lag 0 after {sec(c['lag0'])} s, every URL at its {args.nodes} stubs "
-                   f"after {sec(c['stubs'])} s; {len(c['errors'])} post errors{errors_note(c['errors'])}")
+            f"to the others (its lag then: {c['lag_before']} messages; a batch posted meanwhile, asked on "
+            f"another daemon: done={sd[0]}, {c['victim']} done={sd[1]}); restarted: ready in "
+            f"{c['ready']:.1f} s, lag 0 after {sec(c['lag0'])} s, every URL at every stub of its DC "
+            f"after {sec(c['stubs'])} s; {len(c['errors'])} post errors{errors_note(c['errors'])}")
         best, lines = max_rate(fleet, run, args)
         say(f"most URLs/s sustained (steps of {args.step_seconds:g} s, p99 <= {args.slo:g} s, all "
-                   f"delivered within {args.drain:g} s): {best:,.0f} URLs/s = "
-                   f"{best * (args.nodes + 1) * args.dcs:,.0f} PURGE/s in all")
+            f"delivered within {args.drain:g} s): {best:,.0f} URLs/s = {best * per_url:,.0f} PURGE/s in all")
         out.extend(lines)
     say(f"  hub: {', '.join(f'{k} {v}' for k, v in (topo.stats or {}).items() if k != 'packets_by_pair')}")
     return out
 
 
 def infra(args) -> list[str]:
-    """The simulation's set-up without the bus: each DC's daemon gets its own batch only. Checks the pieces
+    """The simulation's set-up without the bus: each DC's daemon gets its own batches only. Checks the pieces
     (namespaces, hub, NATS spread over three DCs, stubs, Varnish, daemons) and gives the local baseline."""
     out = []
+    args.hosts = 1
     with Topology(dcs=args.dcs, link_ms=args.link_ms) as topo, Fleet(topo, args, bus=False) as fleet:
         leader = fleet.nats.wait_ready()
         out.append(f"infra: {args.dcs} DCs, NATS servers in {', '.join(f'dc{i}' for i in fleet.nats_dcs)} "
@@ -468,7 +268,7 @@ def infra(args) -> list[str]:
             log = PostLog()
             post_paced([d], f"{run}d{i}", args.rate, args.batch, max(1.0, args.batch / args.rate * 5), log)
             done = fleet.wait_complete(log.posted, [i], 60)
-            lat, incomplete = latencies(log.posted, fleet.stubs[i].stats()["groups"], args.nodes)
+            lat, incomplete = latencies(log.posted, fleet.stubs[i].stats()["groups"], fleet.ports)
             posts = [p.acked - p.sent for p in log.posted]
             rows.append([d.name, "yes" if i in fleet.nats_dcs else "", str(len(log.posted)),
                          ms(percentile(posts, 50)), ms(percentile(lat, 50)), ms(max(lat, default=float("nan"))),
@@ -497,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dcs", type=int, default=6)
     p.add_argument("--link-ms", type=float, default=20.0, help="one-way spoke delay (20: 80 ms DC-to-DC RTT)")
     p.add_argument("--nodes", type=int, default=50, help="stub nodes per DC (plus one varnishd)")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="daemons per DC: 1 = the per-DC shape (--nodes stubs + 1 varnishd each); N > 1 = the "
+                        "per-host shape, N daemons per DC each purging its own 2 stub nodes (no varnishd)")
     p.add_argument("--window", type=int, default=64, help="sender window per node connection")
     p.add_argument("--rate", type=float, default=50.0, help="URLs/s of the steady run")
     p.add_argument("--batch", type=int, default=10, help="URLs per posted batch")

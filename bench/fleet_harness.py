@@ -357,3 +357,20 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     sep = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(["  " + line, "  " + sep, *("  " + b for b in body)])
+
+
+def cores_note(cores: dict[str, float]) -> str:
+    """"daemons 0.61, stubs 0.10, ... of 2" (cores each kind used; machine: every process, others' too)."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in cores.items()) + f" of {os.cpu_count()} cores"
+
+
+def ms(x: float) -> str:
+    return "n/a" if x != x else f"{x * 1000:,.0f}"
+
+
+def errors_note(errors: list[str]) -> str:
+    return f" (first: {errors[0][:300]})" if errors else ""
+
+
+def sec(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"

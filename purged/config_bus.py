@@ -29,6 +29,7 @@ class NatsSettings:
     publish_timeout: float = 5.0  # seconds to wait for JetStream's ack of a publish; past it: 503
     connect_timeout: float = 2.0
     fetch_batch: int = 64  # messages asked for per pull
+    randomize: bool = True  # False: try the servers in the order listed (this DC's first: no WAN hop to the bus)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,13 @@ def _servers(value: Any, path: str, errs: Errors) -> tuple[str, ...] | None:
     return tuple(out)
 
 
+def _boolean(value: Any, path: str, errs: Errors) -> bool | None:
+    if not isinstance(value, bool):
+        errs.add(path, f"expected true or false, got {show(value)}")
+        return None
+    return value
+
+
 def _stream(value: Any, path: str, errs: Errors) -> str | None:
     text = string(value, path, errs)
     if text is not None and not _STREAM_RE.match(text):
@@ -94,6 +102,7 @@ def _parse_nats(value: Any, path: str, errs: Errors) -> NatsSettings | None:
         "publish_timeout": positive(minimum=0.01, maximum=600),
         "connect_timeout": positive(minimum=0.01, maximum=600),
         "fetch_batch": positive(minimum=1, maximum=10_000, integer=True),
+        "randomize": _boolean,
     }
     m = mapping(value, path, errs, set(spec))
     if m is None:

@@ -8,7 +8,7 @@ returns from :meth:`NatsCluster.start` once JetStream has a meta leader and ever
 
     cluster = NatsCluster(tmp_path / "nats").start()     # ~1 s
     cluster.urls                                           # ["nats://127.0.0.1:41234", ...]
-    cluster.kill(1)                                        # kill -9 server 1 (its store stays)
+    cluster.kill(cluster.stream_leader("PURGED"))          # kill -9 the stream's leader (its store stays)
     cluster.restart(1)                                     # same ports, same store: it rejoins
     cluster.stop()                                         # SIGTERM each by PID, SIGKILL after a grace
 
@@ -148,6 +148,20 @@ class NatsCluster:
                 continue
             if leader:
                 return leader
+        return None
+
+    def stream_leader(self, stream: str) -> int | None:
+        """The index of the server leading ``stream`` (its RAFT group), None when none does or none tells."""
+        for i in self.running():
+            try:
+                accounts = self._get(i, "/jsz?streams=true").get("account_details") or []
+            except (OSError, ValueError):
+                continue
+            for account in accounts:
+                for detail in account.get("stream_detail") or []:
+                    leader = (detail.get("cluster") or {}).get("leader")
+                    if detail.get("name") == stream and leader:
+                        return int(leader[1:]) if leader[1:].isdigit() else None
         return None
 
     def running(self) -> list[int]:

@@ -3,6 +3,7 @@
     with veth_namespace() as ns:            # needs root (CAP_NET_ADMIN) and iproute2's ``ip``
         ns.host_addr, ns.ns_addr            # e.g. "198.18.37.5", "198.18.37.6" (one random /30)
         subprocess.run(ns.exec_argv(["node", "send.js"]))   # runs inside the namespace
+        ns.set_link(False); ns.set_link(True)                # partition the namespace, then heal it
 
 Everything is named ``pgd<6 hex>`` (namespace ``pgd-<hex>``, interfaces ``pgd<hex>h``/``pgd<hex>n``), unique
 per call, and deleted by those exact names on exit, whatever happened. Addresses come from 198.18.0.0/15 (the
@@ -10,6 +11,10 @@ benchmarking range): a random /30 that no interface of the root namespace alread
 ``multicast_route`` the namespace routes 224.0.0.0/4 out of its veth, so a multicast sender that does not pick
 an interface (npm ``htcp-purge``) sends there; nothing in the root namespace forwards multicast, so such
 datagrams end at the root side of the veth.
+
+While the namespace exists, a ``blackhole`` route for its /30 (metric 4242, below the veth's connected route)
+keeps its addresses from ever being routed out of the default route: with the veth down (``set_link(False)``,
+a partition) packets to the namespace are dropped here, as on a cut link, instead of leaving the machine.
 
 Reverse-path filtering needs no change: the sender's address is on the veth's own connected /30, so even strict
 ``rp_filter`` accepts it. Only the two interfaces created here are ever touched.
@@ -41,10 +46,16 @@ class VethNamespace:
     host_addr: str
     ns_addr: str
     prefixlen: int = 30
+    network: str = ""  # the /30
 
     def exec_argv(self, argv: list[str]) -> list[str]:
         """``argv`` run inside the namespace (``ip netns exec`` execs it: the PID is the program's own)."""
         return ["ip", "netns", "exec", self.name, *argv]
+
+    def set_link(self, up: bool) -> None:
+        """Take the root-side end of the veth down (a partition: the connected route goes, packets to the
+        namespace fail) or up again (the route comes back by itself; the addresses stay)."""
+        _ip("link", "set", self.host_if, "up" if up else "down")
 
     def sysctl_path(self, key: str) -> str:
         """``/proc/sys/net/ipv4/conf/<host_if>/<key>``: per-interface settings of the root-side end."""
@@ -97,13 +108,18 @@ def veth_namespace(*, multicast_route: bool = True) -> Iterator[VethNamespace]:
     tag = f"pgd{rng.getrandbits(24):06x}"
     net = _free_slash30(rng)
     host, peer = (str(a) for a in net.hosts())
-    ns = VethNamespace(f"pgd-{tag[3:]}", f"{tag}h", f"{tag}n", host, peer)
-    created: list[str] = []  # "ns", "link": what cleanup must delete
+    ns = VethNamespace(f"pgd-{tag[3:]}", f"{tag}h", f"{tag}n", host, peer, network=str(net))
+    created: list[str] = []  # "ns", "link", "route": what cleanup must delete
     try:
         _ip("netns", "add", ns.name)
         created.append("ns")
         _ip("link", "add", ns.host_if, "type", "veth", "peer", "name", ns.ns_if, "netns", ns.name)
         created.append("link")
+        # A blackhole for the /30 under the connected route: while the veth is down (set_link(False)) the
+        # connected route is gone, and without this the namespace's addresses would be routed out of the
+        # default route, off this machine. Metric 4242 loses to the connected route while it exists.
+        _ip("route", "add", "blackhole", str(net), "metric", "4242")
+        created.append("route")
         _ip("addr", "add", f"{host}/30", "dev", ns.host_if)
         _ip("link", "set", ns.host_if, "up")
         _ip("-n", ns.name, "link", "set", "lo", "up")
@@ -128,6 +144,10 @@ def _delete(ns: VethNamespace, created: list[str]) -> list[str]:
         res = _ip("link", "del", ns.host_if, check=False)
         if res.returncode != 0:
             errors.append(f"ip link del {ns.host_if}: {res.stderr.strip()}")
+    if "route" in created:
+        res = _ip("route", "del", "blackhole", ns.network, "metric", "4242", check=False)
+        if res.returncode != 0:
+            errors.append(f"ip route del blackhole {ns.network}: {res.stderr.strip()}")
     if "ns" in created:
         res = _ip("netns", "del", ns.name, check=False)
         if res.returncode != 0:

@@ -46,3 +46,11 @@ def test_crossdc_bench_smoke():
     assert "RTT to 198.18.1.1:6081: TCP connect min" in out
     assert "window   16 x 2 conn:" in out
     assert "'dropped_queue_full': 0" in out
+
+
+def test_soak_bench_smoke():
+    out = run(str(BENCH / "soak_bench.py"), "--minutes", "0.05", "--ceiling-urls", "5000", "--sample", "0.5",
+              "--wrk-seconds", "1", "--drain-timeout", "30")
+    assert "wrk ceiling" in out and "purged ceiling:" in out
+    assert "RSS: start" in out and "slope after warm-up" in out and "429 answers: 0 batches" in out
+    assert "verdict: nothing lost" in out

@@ -213,15 +213,15 @@ def test_config_bus_defaults_and_dotted_errors():
     config = parse_config({"datacenters": DCS, "name": "cp1.x", "bus": {"nats": {"servers": ["127.0.0.1:4222"]}}})
     nats = config.bus.nats
     assert config.name == "cp1.x" and nats.servers == ("nats://127.0.0.1:4222",) and nats.stream == "PURGED"
-    assert nats.replicas == 1
+    assert nats.replicas == 1 and nats.randomize is True
     with pytest.raises(ConfigError) as exc:
         parse_config({"datacenters": DCS, "name": "", "bus": {"nats": {
             "servers": ["http://x", 3], "stream": "A.B", "replicas": 0, "ack_wait": 0.1, "max_ack_pending": 0,
-            "publish_timeout": "1", "connect_timeout": -1, "nope": 1}}})
+            "publish_timeout": "1", "connect_timeout": -1, "randomize": "no", "nope": 1}}})
     errors = "\n".join(exc.value.errors)
     for key in ("name", "bus.nats.servers[0]", "bus.nats.servers[1]", "bus.nats.stream", "bus.nats.replicas",
                 "bus.nats.ack_wait", "bus.nats.max_ack_pending", "bus.nats.publish_timeout",
-                "bus.nats.connect_timeout", "bus.nats.nope"):
+                "bus.nats.connect_timeout", "bus.nats.randomize", "bus.nats.nope"):
         assert f"\n{key}: " in "\n" + errors, (key, errors)
     with pytest.raises(ConfigError) as exc:
         parse_config({"datacenters": DCS, "bus": {"nats": {}}})

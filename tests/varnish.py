@@ -120,8 +120,10 @@ class VarnishNode:
         storage: str = "malloc,32m",
         params: Mapping[str, str] | None = None,
         name: str | None = None,
+        netns: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
+        self.netns = netns  # run varnishd (and varnishadm) inside this network namespace (tests/netns.py)
         self.vcl = Path(vcl).resolve()
         self.host = host
         self._port = port
@@ -200,6 +202,8 @@ class VarnishNode:
         ]  # fmt: skip
         for key, value in self.params.items():
             argv += ["-p", f"{key}={value}"]
+        if self.netns:  # `ip netns exec` execs varnishd: the PID (and process group) stay varnishd's
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         self._out_path = self.workdir / f"varnishd.{self.generation}.out"
         self._spawned_at = time.monotonic()
         with open(self._out_path, "wb") as out:
@@ -335,9 +339,10 @@ class VarnishNode:
             time.sleep(0.005)
 
     def _adm(self, *args: str) -> str:
-        res = subprocess.run(
-            [VARNISHADM, "-n", str(self.instance_dir), "-t", "5", *args], capture_output=True, timeout=10
-        )
+        argv = [VARNISHADM, "-n", str(self.instance_dir), "-t", "5", *args]
+        if self.netns:  # -T listens on the namespace's own 127.0.0.1
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        res = subprocess.run(argv, capture_output=True, timeout=10)
         if res.returncode != 0:
             raise VarnishError(f"{self.name}: varnishadm {' '.join(args)}: {res.stdout!r} {res.stderr!r}")
         return res.stdout.decode()

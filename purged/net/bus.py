@@ -1,9 +1,8 @@
 """Adapter: the NATS JetStream bus, with the official asyncio client ``nats-py`` on an event loop of its own.
 
-nats-py is asyncio; purged is trio. The bridge is one dedicated thread running one asyncio event loop,
-owned here (:class:`AsyncioThread`): trio submits coroutines to it with ``asyncio.run_coroutine_threadsafe``
-and waits for the result on a :class:`trio.Event` that the future's done-callback sets through the trio token
-(no worker thread per call); cancelling the trio side cancels the asyncio task. Only this direction crosses:
+nats-py is asyncio; purged is trio. The bridge is one dedicated thread running one asyncio event loop, owned
+here (:class:`~purged.net.aioloop.AsyncioThread`): trio submits coroutines to it and awaits their results.
+Only this direction crosses:
 the consumer's fetch loop runs in trio (each pull is one submitted coroutine), so backpressure is simply
 "trio does not ask for more", and the asyncio loop never blocks on trio (its pings, publishes and acks keep
 going while the daemon waits for local capacity). The connection callbacks only set plain attributes.
@@ -16,13 +15,12 @@ creates the stream when missing and this daemon's durable pull consumer, and off
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
+import itertools
 import logging
-import threading
+import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ from ..config_bus import NatsSettings
 from ..core.errors import PurgedError
 from ..core.fleet import ConsumerPosition, consumer_name
 from ..core.histogram import Histogram
+from .aioloop import AsyncioThread
 
 log = logging.getLogger("purged.bus")
 
@@ -55,74 +54,6 @@ class BusSetupError(PurgedError):
     """A configuration problem the daemon must not paper over (another daemon's consumer under our name)."""
 
     reason = "bus_setup"
-
-
-class AsyncioThread:
-    """One asyncio event loop in a daemon thread; trio awaits coroutines run there."""
-
-    def __init__(self, name: str = "purged-nats"):
-        self.name = name
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        # A plain selector loop, not asyncio.new_event_loop(): that goes through the global policy, which
-        # trio-asyncio (if anything imported it) replaces with one that refuses to run beside trio.
-        loop = self.loop = asyncio.SelectorEventLoop()
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.call_soon(started.set)
-            try:
-                loop.run_forever()
-            finally:
-                for task in asyncio.all_tasks(loop):
-                    task.cancel()
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(asyncio.sleep(0))
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-        started.wait(5)
-
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
-        """Run ``coro`` on the loop without waiting (acks); its exception is only logged at debug level."""
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        fut.add_done_callback(_log_failure)
-        return fut
-
-    async def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run ``coro`` on the loop and return its result (or raise its exception) in trio."""
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def wake(_: concurrent.futures.Future) -> None:
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
-
-        fut.add_done_callback(wake)
-        try:
-            await done.wait()
-        except BaseException:
-            fut.cancel()
-            raise
-        return fut.result()
-
-    def stop(self) -> None:
-        if self.loop is not None and self._thread is not None:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-
-
-def _log_failure(fut: concurrent.futures.Future) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.debug("bus: background call failed: %r", fut.exception())
 
 
 @dataclass
@@ -159,6 +90,8 @@ class NatsBus:
         self._sub: Any = None
         self._logged = 0.0
         self._fetch_failures = 0
+        self._msg_prefix = f"{self.consumer}-{secrets.token_hex(4)}-"  # Nats-Msg-Id: the stream's dedup key
+        self._msg_ids = itertools.count(1)
 
     @property
     def connected(self) -> bool:
@@ -220,7 +153,7 @@ class NatsBus:
         s = self.settings
         self._nc = await nats.connect(
             list(s.servers), name=f"purged {self.name}", connect_timeout=s.connect_timeout,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, dont_randomize=not s.randomize,
             ping_interval=5, max_outstanding_pings=3,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
         )
@@ -278,14 +211,6 @@ class NatsBus:
             with contextlib.suppress(Exception):
                 await self._nc.close()
 
-    async def _publish_all(self, payloads: list[bytes]) -> list[int]:
-        seqs = []
-        for data in payloads:
-            ack = await self._js.publish(self.subject, data, timeout=self.settings.publish_timeout,
-                                         stream=self.settings.stream)
-            seqs.append(ack.seq)
-        return seqs
-
     async def _fetch(self, batch: int) -> list:
         import nats.errors
 
@@ -327,38 +252,59 @@ class NatsBus:
             self._logged = now
             log.warning("%s", text)
 
-    def _fail(self, reason: str, detail: str) -> BusUnavailable:
+    def fail(self, reason: str, detail: str) -> BusUnavailable:
+        """Count a publish that cannot be done (``reason`` labels purged_bus_publish_failures_total)."""
         self.stats.publish_failures[reason] = self.stats.publish_failures.get(reason, 0) + 1
         return BusUnavailable(detail)
 
     async def publish(self, payloads: list[bytes], urls: int) -> list[int]:
         """Publish each message in order; the stream sequences once JetStream stored each (with its
-        replicas). :class:`BusUnavailable` when not connected, on a timeout, or on any error."""
-        import nats.errors
-        import nats.js.errors
-
-        if not self.connected:
-            raise self._fail("disconnected" if self.ready.is_set() else "not_ready",
-                             f"the bus is {self.state}; retry later")
+        replicas). Within ``publish_timeout`` a failover is waited out: while disconnected, or when the
+        stream has no leader for a moment, the same message is published again, with the same
+        ``Nats-Msg-Id`` so that the stream stores it once. :class:`BusUnavailable` past the deadline, at once
+        before the bus was ever set up, and on an error that a retry cannot cure."""
+        if not self.ready.is_set():
+            raise self.fail("not_ready", f"the bus is {self.state} (not set up yet); retry later")
         start = trio.current_time()
-        try:
-            with trio.fail_after(self.settings.publish_timeout * len(payloads) + 1):
-                seqs = await self._thread.run(self._publish_all(payloads))
-        except (TimeoutError, trio.TooSlowError, nats.errors.TimeoutError):
-            raise self._fail("timeout", "the stream did not acknowledge in bus.nats.publish_timeout") from None
-        except nats.errors.NoRespondersError:
-            raise self._fail("no_responders", "no stream leader answered (JetStream unavailable)") from None
-        except nats.js.errors.NoStreamResponseError:
-            raise self._fail("no_stream", f"no stream {self.settings.stream} (deleted?)") from None
-        except nats.js.errors.APIError as exc:
-            raise self._fail("api_error", f"JetStream refused the publish: {exc.description}") from None
-        except (nats.errors.Error, OSError) as exc:
-            raise self._fail("disconnected", f"bus error: {type(exc).__name__}") from None
+        deadline = start + self.settings.publish_timeout
+        seqs = [await self._publish_one(data, f"{self._msg_prefix}{next(self._msg_ids)}", deadline)
+                for data in payloads]
         st = self.stats
         st.publish_seconds.observe(trio.current_time() - start)
         st.published_messages += len(seqs)
         st.published_urls += urls
         return seqs
+
+    async def _publish_one(self, data: bytes, msg_id: str, deadline: float) -> int:
+        import nats.errors
+        import nats.js.errors
+
+        reason, detail = "timeout", "the stream did not acknowledge in bus.nats.publish_timeout"
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise self.fail(reason, detail)
+            if self.state != "connected":
+                reason, detail = "disconnected", f"the bus is {self.state}"
+                await trio.sleep(min(0.1, remaining))
+                continue
+            publish = self._js.publish(self.subject, data, timeout=remaining, stream=self.settings.stream,
+                                       headers={"Nats-Msg-Id": msg_id})
+            try:
+                with trio.fail_after(remaining + 1):
+                    return (await self._thread.run(publish)).seq
+            except (TimeoutError, trio.TooSlowError, nats.errors.TimeoutError):
+                reason, detail = "timeout", "the stream did not acknowledge in bus.nats.publish_timeout"
+                continue
+            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+                reason, detail = "no_responders", "no stream leader answered (failing over, or no stream)"
+            except nats.js.errors.ServiceUnavailableError:
+                reason, detail = "unavailable", "JetStream is unavailable (failing over)"
+            except nats.js.errors.APIError as exc:  # a refusal a retry cannot cure (a stream limit, ...)
+                raise self.fail("api_error", f"JetStream refused the publish: {exc.description}") from None
+            except (nats.errors.Error, OSError) as exc:
+                reason, detail = "disconnected", f"bus error: {type(exc).__name__}"
+            await trio.sleep(min(0.2, max(0.0, deadline - trio.current_time())))
 
     async def fetch(self, batch: int) -> list:
         """Up to ``batch`` messages for this daemon's consumer (waits up to a second; [] when none)."""

@@ -27,7 +27,7 @@ import trio
 
 from ..core.admission import Admitted, Refused
 from ..core.auth import Token
-from ..core.engine import Receipt
+from ..core.engine import Receipt, SourceStats
 from ..core.errors import PurgedError
 from ..core.fleet import (
     BadMessage,
@@ -90,7 +90,7 @@ class Fleet:
         self.name = name
         self.held: dict[int, Held] = {}  # stream seq -> held message
         self._heaps: list[list[tuple[int, int]]] = [[] for _ in driver.engine.lanes]  # per lane (hi, seq)
-        self._waiting: Any = None  # the message waiting for local capacity (heartbeats cover it too)
+        self._fetched: list[Any] = []  # fetched, not yet submitted (waiting for local capacity): heartbeaten too
         self.known: OrderedDict[int, Known] = OrderedDict()
         self._acked: OrderedDict[int, None] = OrderedDict()  # recently acked seqs: a redelivery is acked again
         self._view: View | None = None
@@ -111,12 +111,20 @@ class Fleet:
         if not targets:
             return Admitted(None, checked.rejected)
         try:
-            payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
-                                    max_payload=self.bus.max_payload)
+            try:
+                payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
+                                        max_payload=self.bus.max_payload)
+            except ValueError as exc:  # a URL longer than the server's max_payload: the server's config
+                raise self.bus.fail("too_large", str(exc)) from None
             seqs = await self.bus.publish(payloads, len(targets))
         except BusUnavailable as exc:
             driver.engine.reject(source, "bus_unavailable", len(targets))
             raise Refused(exc.detail, reason="bus_unavailable", status=503, retry_after=BUS_RETRY_AFTER) from None
+        # Counted by source like a local submit (purged_purges_accepted_total{source="http"}); the local engine
+        # counts the same purges again under source "bus" when this daemon consumes them.
+        stats = driver.engine.sources.setdefault(source, SourceStats())
+        stats.received += len(targets)
+        stats.accepted += len(targets)
         if seqs[-1] not in self.known:  # our own consumer may have had it already (it knows the local batch)
             self._remember(seqs[-1], Known(None, len(targets), priority))
         return Admitted(Receipt(format_fleet_id(seqs[0], seqs[-1]), len(targets), 0), checked.rejected)
@@ -139,8 +147,10 @@ class Fleet:
             if len(self.held) >= self.bus.settings.max_ack_pending:
                 await self.driver.wait_progress(1.0)
                 continue
-            for msg in await self.bus.fetch(batch):
-                await self._deliver(msg)
+            self._fetched = await self.bus.fetch(batch)
+            while self._fetched:
+                await self._deliver(self._fetched[0])
+                self._fetched.pop(0)
 
     async def serve_acks(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Ack held messages as their batches finish on every local node; heartbeat the rest."""
@@ -155,8 +165,8 @@ class Fleet:
                 next_beat = now + beat_every
                 for held in self.held.values():
                     self.bus.in_progress(held.msg)
-                if self._waiting is not None:
-                    self.bus.in_progress(self._waiting)
+                for msg in self._fetched:
+                    self.bus.in_progress(msg)
 
     async def serve_monitor(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Refresh the fleet view every few seconds (the lag metrics read it)."""
@@ -212,7 +222,7 @@ class Fleet:
             bus.term(msg)
             return
         stats.consumed_urls += len(batch.urls)
-        receipts = await self._submit(msg, batch.urls, batch.priority)
+        receipts = await self._submit(batch.urls, batch.priority)
         if not receipts:  # no URL valid here: nothing owed
             self.local_rejected += 1
             self._remember(seq, Known(None, batch.total, batch.priority))
@@ -229,25 +239,20 @@ class Fleet:
         heapq.heappush(self._heaps[lane], (hi, seq))
         self._ack_done()
 
-    async def _submit(self, msg: Any, urls: list[str], priority: str) -> list[Receipt]:
+    async def _submit(self, urls: list[str], priority: str) -> list[Receipt]:
         """Submit to the local engine, waiting while it is full (local ``max_pending``, a journal that cannot
         write). A batch larger than the whole local ceiling goes in halves once the log is empty."""
         driver = self.driver
-        self._waiting = msg
-        try:
-            while True:
-                try:
-                    admitted = driver.ingest(urls, "bus", priority=priority)
-                except Refused as exc:
-                    if exc.reason == "overload" and driver.engine.unique_pending() == 0 and len(urls) > 1:
-                        half = len(urls) // 2
-                        return (await self._submit(msg, urls[:half], priority)
-                                + await self._submit(msg, urls[half:], priority))
-                    await driver.wait_progress(min(1.0, exc.retry_after or 1.0))
-                    continue
-                return [] if admitted.receipt is None else [admitted.receipt]
-        finally:
-            self._waiting = None
+        while True:
+            try:
+                admitted = driver.ingest(urls, "bus", priority=priority)
+            except Refused as exc:
+                if exc.reason == "overload" and driver.engine.unique_pending() == 0 and len(urls) > 1:
+                    half = len(urls) // 2
+                    return await self._submit(urls[:half], priority) + await self._submit(urls[half:], priority)
+                await driver.wait_progress(min(1.0, exc.retry_after or 1.0))
+                continue
+            return [] if admitted.receipt is None else [admitted.receipt]
 
     def _bad(self, reason: str, seq: int | None) -> None:
         bad = self.bus.stats.bad_messages
@@ -264,7 +269,10 @@ class Fleet:
         self._ack_done()
         for held in self.held.values():
             self.bus.nak(held.msg)
+        for msg in self._fetched:
+            self.bus.nak(msg)
         self.held.clear()
+        self._fetched = []
 
     # -- status ----------------------------------------------------------------------------------------------
 

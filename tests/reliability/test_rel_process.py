@@ -2,7 +2,7 @@
 
 - SIGSTOP of a node's varnishd child for a few seconds, then SIGCONT: nothing lost, nothing set aside, purges
   resume after SIGCONT, the other data centre never noticed;
-- SIGKILL of purged at seeded random moments while batches flow and the nodes deliver (checkpoints, segment
+- SIGKILL of purged at seeded random moments (0-0.8 s after its 5th accepted batch) while batches flow and the nodes deliver (checkpoints, segment
   deletion and replay all mid-flight), restarted on the same journal each time: nothing accepted is lost;
 - SIGHUP adding a node and removing one while batches flow, then SIGTERM mid-load and a restart on the journal:
   the kept node loses nothing, the added one gets everything accepted after the reload, what the removed one
@@ -78,6 +78,16 @@ class Load:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+    def wait_accepted(self, batches: int, timeout: float = 20.0) -> None:
+        """Until ``batches`` were answered 202 in all (a loaded machine may take a while)."""
+        self.wait_answers(batches, timeout, status=202)
+
+    def wait_answers(self, count: int, timeout: float = 20.0, status: object = None) -> None:
+        deadline = time.monotonic() + timeout
+        while (self.statuses.get(status, 0) if status is not None else len(self.answers)) < count:
+            assert time.monotonic() < deadline, f"only {self.statuses} after {timeout}s"
+            time.sleep(0.01)
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.limit
@@ -177,13 +187,14 @@ def test_sigkill_at_random_moments_under_delivery_loses_nothing_accepted(varnish
         purged = PurgedProcess(config, port, tmp_path)
         try:
             purged.wait_listening()
-            kill_after = rng.uniform(0.2, 1.0)
+            kill_after = rng.uniform(0.0, 0.8)
             with Load(purged.url, ledger, f"k{round_}", interval=0.01) as load:
+                load.wait_accepted(5)  # a loaded machine may take a while to answer the first batches
                 time.sleep(kill_after)
                 purged.proc.kill()
                 assert purged.wait(10) == -signal.SIGKILL
             doubt |= load.doubt
-            print(f"round {round_}: SIGKILL after {kill_after:.2f}s; answers {load.statuses}")
+            print(f"round {round_}: SIGKILL {kill_after:.2f}s after the 5th accepted batch; answers {load.statuses}")
         finally:
             purged.kill()
     purged = PurgedProcess(config, port, tmp_path)
@@ -199,7 +210,7 @@ def test_sigkill_at_random_moments_under_delivery_loses_nothing_accepted(varnish
     report = oracle.check(ledger, cfg, logs, health, metrics)
     print(report, f"{len(ledger.accepted)} accepted over 4 SIGKILLs, {time.monotonic() - t0:.1f}s", sep="\n")
     report.assert_complete()
-    assert len(ledger.accepted) >= 1000
+    assert len(ledger.accepted) >= 4 * 5 * 20
     assert not oracle.tier_order(ledger, cfg, logs)  # the replay kept tier order too
 
 
@@ -223,23 +234,23 @@ def test_sighup_adds_and_removes_nodes_then_sigterm_and_restart_lose_nothing(var
     try:
         notify.expect("READY=1")
         with Load(purged.url, ledger, "hup") as load:
-            time.sleep(0.5)
+            load.wait_accepted(10)
             os.kill(child, signal.SIGSTOP)  # the node to remove falls behind: it will owe purges
-            time.sleep(0.5)
+            load.wait_accepted(20)
             config.write_text(yaml.safe_dump(after_cfg))
             hup_at = time.time()
             purged.signal(signal.SIGHUP)
             notify.expect("RELOADING=1")
             notify.expect("READY=1")
             ready_at = time.time()
-            time.sleep(0.8)
+            load.wait_accepted(load.statuses.get(202, 0) + 10)  # batches accepted for the added node
             removed_metrics = httpx.get(purged.url + "/metrics", timeout=10).text
             purged.signal(signal.SIGTERM)  # mid-load, with the journal: exits at once, the rest replayed
             assert purged.wait(20) == 0, purged.output()[-2000:]
             load_statuses_at_term = dict(load.statuses)
             purged = PurgedProcess(config, port, tmp_path)
             purged.wait_listening()
-            time.sleep(0.5)
+            load.wait_accepted(load.statuses.get(202, 0) + 5)  # and some after the restart
         os.kill(child, signal.SIGCONT)
         health = wait_drained(purged.url)
         metrics = httpx.get(purged.url + "/metrics", timeout=10).text

@@ -84,14 +84,14 @@ def test_disk_full_refuses_with_503_says_so_delivers_what_it_accepted_and_recove
         assert not any(state.iterdir()), "the tmpfs leaked into the host's mount namespace"
         assert health(purged.url)["journal"] == "ok"
         with Load(purged.url, ledger, "before", batch=50, interval=0.01) as before:
-            time.sleep(0.5)
+            before.wait_accepted(10)
         assert set(before.statuses) == {202}, before.statuses
         wait_drained(purged.url)  # only the active segment is left: nothing the journal could free by itself
 
         filled = fill(purged.inside("filler"))
         refused = Load(purged.url, ledger, "full", batch=50, interval=0.05)
         with refused:
-            time.sleep(0.6)
+            refused.wait_answers(5)
         r = httpx.post(purged.url + "/v1/purge", json={"urls": ["http://w.example.org/full/probe"]}, timeout=10)
         refused.doubt.add(("w.example.org", "/full/probe"))  # a batch that failed to write may still be delivered
         assert r.status_code == 503 and r.json()["error"] == "disk_full" and r.headers["retry-after"], r.text
@@ -113,7 +113,7 @@ def test_disk_full_refuses_with_503_says_so_delivers_what_it_accepted_and_recove
             assert time.monotonic() < deadline, "the journal did not write again once space returned"
             time.sleep(0.1)
         with Load(purged.url, ledger, "after", batch=50, interval=0.01) as after:
-            time.sleep(0.5)
+            after.wait_accepted(10)
         assert set(after.statuses) == {202}, after.statuses
         final = wait_drained(purged.url)
         metrics = httpx.get(purged.url + "/metrics", timeout=10).text
