@@ -25,7 +25,14 @@ from .core.engine import Engine, Policy
 from .core.reload import reconfigure
 from .core.status import statistics
 from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import BusCollector, EngineCollector, JournalCollector, MulticastCollector, SenderCollector
+from .metrics import (
+    APICollector,
+    BusCollector,
+    EngineCollector,
+    JournalCollector,
+    MulticastCollector,
+    SenderCollector,
+)
 from .net import systemd
 from .net.bus import NatsBus
 from .net.driver import Driver
@@ -125,6 +132,7 @@ class Service:
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time, lambda: self.removed_drops))
         self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
         self.registry.register(SenderCollector(lambda: self.senders, lambda: self.engine))
+        self.registry.register(APICollector(lambda: self.api.refused))
         if self.fleet is not None:
             self.registry.register(BusCollector(self.fleet))
 
