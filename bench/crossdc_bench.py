@@ -66,6 +66,7 @@ def run_setting(link: DelayedLink, varnishes: list[Varnish], n_urls: int, window
             done = wait_batch(daemon.base_url, replies[-1]["id"], timeout)
             t_done = time.monotonic()
         cpu1, dcpu1 = daemon.cpu_seconds(), link.cpu_seconds()
+        window = node_window(daemon.base_url, link.netns_a)
         reached = sampler.join()
         t1 = sampler.reached_at or time.monotonic()
         if not (done and reached):
@@ -85,7 +86,21 @@ def run_setting(link: DelayedLink, varnishes: list[Varnish], n_urls: int, window
         "cpu_us": (cpu1 - cpu0) / (n_urls * len(varnishes)) * 1e6,
         "purged_cores": (cpu1 - cpu0) / elapsed,
         "delayer_cores": (dcpu1 - dcpu0) / elapsed,
+        "window": window,
     }
+
+
+def node_window(base_url: str, netns: str) -> str:
+    """``purged_node_window`` of each node at the end of a run (a purged older than issue 15 has none)."""
+    import urllib.request
+
+    try:
+        with in_netns(netns), urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return "?"
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith("purged_node_window{")]
+    return ", ".join(str(int(float(v))) for v in values) or "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  [{rep + 1}] window {window} x {conns} conn{capped} ({most * conns} in flight; at most "
                           f"{theory:,.0f}/s per node at this RTT): {r['per_node']:,.0f} PURGE/s per node "
                           f"({r['urls']:,} URLs per node in {r['elapsed']:.2f} s; steady {r['steady_per_node']:,.0f}/s); purged {r['cpu_us']:.1f} us "
-                          f"CPU/PURGE = {r['purged_cores']:.2f} cores; delayer {r['delayer_cores']:.2f} cores")
+                          f"CPU/PURGE = {r['purged_cores']:.2f} cores; delayer {r['delayer_cores']:.2f} cores; node window "
+                          f"at the end {r['window']}")
             print(f"  -- medians of {args.repeats}, PURGE/s per node at {2 * args.delay_ms:g} ms "
                   f"(measured RTT {rtt * 1000:.1f} ms, min of the TCP connects):")
             for (window, conns, cap), rs in results.items():

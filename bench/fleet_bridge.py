@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -146,7 +147,8 @@ def main() -> int:
     except ImportError:
         print("trio-asyncio is not installed (pip install trio-asyncio): measuring the thread only")
         modes = ["thread"]
-    cluster = NatsCluster(Path(tempfile.mkdtemp(prefix="purged-fleet-bridge-")) / "nats").start()
+    work = Path(tempfile.mkdtemp(prefix="purged-fleet-bridge-"))
+    cluster = NatsCluster(work / "nats").start()
     try:
         results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
         for r in range(args.rounds):
@@ -165,6 +167,7 @@ def main() -> int:
         return 0
     finally:
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)  # NATS stores and Varnish logs: hundreds of MB
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ ports in a temporary directory; every process is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 import tempfile
@@ -179,6 +180,7 @@ def main() -> int:
                 d.kill()
         stop_all(nodes)
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)  # NATS stores and Varnish logs: hundreds of MB
 
 
 if __name__ == "__main__":

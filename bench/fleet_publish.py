@@ -11,6 +11,7 @@ figure is URLs accepted (2xx) per second. In fleet mode a 202 means "stored in t
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -120,6 +121,7 @@ def main() -> int:
             p.kill()
         stop_all(nodes)
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)  # NATS stores and Varnish logs: hundreds of MB
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""purgectl's display while it waits for its batches: per data centre, done (node, batch) pairs over the total.
+"""purgectl's displays: aligned tables (:func:`print_table`), and the display while it waits for its batches:
+per data centre, done (node, batch) pairs over the total.
 
 Two displays with one interface, ``update(counts)`` and ``close()``, where ``counts`` maps each data centre to
 ``(done, total)``: ``total`` is the sum over the batches of the data centre's nodes, ``done`` how many of those
@@ -81,3 +82,12 @@ def totals(statuses: dict[str, dict]) -> Counts:
                 pair[0] += tier.get("done", 0)
                 pair[1] += tier.get("nodes", 0)
     return {dc: (done, total) for dc, (done, total) in counts.items()}
+
+
+def print_table(header: list[str], rows: list[list[str]], left: int, out: TextIO | None = None) -> None:
+    """Print ``rows`` under ``header`` in aligned columns: the first ``left`` columns (names) left-aligned, the
+    rest (numbers) right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(cells).rstrip(), file=out or sys.stdout)

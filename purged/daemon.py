@@ -20,12 +20,19 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .config import Config, ConfigError, is_loopback, load_config
-from .core.admission import Admission, URLRules
-from .core.engine import Engine, Policy
+from .core.admission import Admission
+from .core.engine import Engine
 from .core.reload import reconfigure
 from .core.status import statistics
-from .core.topology import DatacenterSpec, TierSpec, Topology
-from .metrics import BusCollector, EngineCollector, JournalCollector, MulticastCollector, SenderCollector
+from .core_parts import admission_limits, build_policy, build_topology, node_rates
+from .metrics import (
+    APICollector,
+    BusCollector,
+    EngineCollector,
+    JournalCollector,
+    MulticastCollector,
+    SenderCollector,
+)
 from .net import systemd
 from .net.bus import NatsBus
 from .net.driver import Driver
@@ -40,47 +47,6 @@ from .tokens import load_tokens
 log = logging.getLogger("purged")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd (backlog and rate)
 JOURNAL_STOP_GRACE = 1.0  # on SIGTERM with a healthy journal: time for answers already on the wire
-
-
-def build_topology(config: Config) -> Topology:
-    return Topology(
-        [
-            DatacenterSpec(
-                dc.name, dc.hosts, tuple(TierSpec(t.name, t.delay, tuple(str(a) for a in t.nodes)) for t in dc.tiers)
-            )
-            for dc in config.datacenters
-        ]
-    )
-
-
-def build_policy(config: Config) -> Policy:
-    s, lim = config.sender, config.limits
-    return Policy(
-        retry_initial=s.retry_initial,
-        retry_max=s.retry_max,
-        down_after=s.down_after,
-        poison_after=s.poison_after,
-        dedup_window=config.dedup.window,
-        linger=config.dedup.linger,
-        max_lag=lim.max_lag,
-        max_age=lim.max_age,
-        recent_batches=lim.recent_batches,
-    )
-
-
-def admission_limits(config: Config) -> dict:
-    lim = config.limits
-    return {
-        "client_rate": lim.client_rate,
-        "client_burst": lim.client_burst,
-        "max_pending": lim.max_pending,
-        "max_pending_bytes": lim.max_pending_bytes,
-        "rules": URLRules(max_length=lim.max_url_length, max_request_bytes=lim.max_request_bytes),
-    }
-
-
-def node_rates(config: Config) -> dict[str, tuple[float, float]]:
-    return {str(a): dc.node_rate(t) for dc in config.datacenters for t in dc.tiers for a in t.nodes}
 
 
 @dataclass
@@ -125,6 +91,7 @@ class Service:
         self.registry.register(EngineCollector(lambda: self.engine, trio.current_time, lambda: self.removed_drops))
         self.registry.register(JournalCollector(lambda: self.journal, lambda: self.reloads))
         self.registry.register(SenderCollector(lambda: self.senders, lambda: self.engine))
+        self.registry.register(APICollector(lambda: self.api.refused))
         if self.fleet is not None:
             self.registry.register(BusCollector(self.fleet))
 

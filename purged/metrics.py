@@ -252,6 +252,21 @@ class SenderCollector(Collector):
         yield from (opened, fallbacks, window, node_window)
 
 
+class APICollector(Collector):
+    """The HTTP API's refusals: every answer >= 400 by status and reason (the ``error`` of its JSON body), so that
+    401s from a stale token, 400s from a broken producer and 413s are visible without reading logs."""
+
+    def __init__(self, refused: Callable[[], dict[tuple[int, str], int]]):
+        self._refused = refused
+
+    def collect(self) -> Iterator[Any]:
+        family = CounterMetricFamily("purged_api_refused", "API answers >= 400, by status and reason",
+                                     labels=["status", "reason"])
+        for (status, reason), count in sorted(self._refused().items()):
+            family.add_metric([str(status), reason], count)
+        yield family
+
+
 class BusCollector(Collector):
     """A fleet member's bus counters (docs/fleet.md): publishes, consumption, redeliveries, the connection, and
     every daemon's consumer lag as of the last look at the stream (every few seconds)."""

@@ -193,7 +193,11 @@ async def test_every_auth_outcome_and_nothing_reaches_varnish_on_401_403(varnish
         ]
         assert service.engine.unique_pending() == 0 and len(service.engine.lanes[0].log) == 0
         # Metrics and health stay open without a token (protect_metrics is off).
-        assert (await client.get("/metrics")).status_code == 200
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 200
+        # Every refusal is counted by status and reason.
+        assert 'purged_api_refused_total{reason="unauthorized",status="401"} 5.0' in metrics.text
+        assert 'purged_api_refused_total{reason="forbidden",status="403"} 5.0' in metrics.text
         assert (await client.get("/healthz")).status_code == 200
         # The allowed paths work, and only they reach Varnish.
         r = await client.post("/v1/purge", json={"urls": ["http://h.org/ok"]}, headers=bearer_of("purger"))

@@ -9,6 +9,7 @@ Also: the bus unreachable gives 503 ``bus_unavailable``; an unreadable stream me
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 
@@ -187,6 +188,8 @@ def test_fleet_delivers_to_every_daemon_and_survives_kills(tmp_path, capsys):
             if d is not None:
                 d.kill()
         stop_all(nodes)
+        for node in nodes:  # the shared-memory log (vsl_space) is the bulk, as in conftest's fixture
+            shutil.rmtree(node.instance_dir, ignore_errors=True)
         cluster.stop()
 
 
@@ -265,4 +268,20 @@ def test_split_batches_priority_and_a_small_local_ceiling(tmp_path):
         for d in daemons:
             d.kill()
         stop_all(nodes)
+        for node in nodes:  # the shared-memory log (vsl_space) is the bulk, as in conftest's fixture
+            shutil.rmtree(node.instance_dir, ignore_errors=True)
         cluster.stop()
+
+
+def test_bridge_bench_smoke():
+    """bench/fleet_bridge.py end to end with tiny counts, so the script does not rot (figures: docs/fleet.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(root / "bench" / "fleet_bridge.py"), "--seconds", "0.5", "--rounds",
+                        "1", "--busy", "0", "--publishers", "2"], capture_output=True, text=True, timeout=120,
+                       cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "thread: median publish" in r.stdout and "consume" in r.stdout, r.stdout

@@ -9,6 +9,7 @@ occur here, as the generated heads are small and Content-Length values short.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_http1_h11 import broken_response, cuts, response, split, streams
@@ -16,7 +17,7 @@ from test_http1_h11 import broken_response, cuts, response, split, streams
 from purged.core.http1 import ProtocolError, ResponseParser
 from purged.core.http1_fast import FastResponseParser
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def outcome(cls, chunks: list[bytes], eof: bool) -> tuple:
@@ -73,3 +74,18 @@ def test_a_varnish_pipeline_stays_on_the_fast_path():
     for i in range(0, len(data), 977):  # reads that end inside responses
         out += parser.feed(data[i : i + 977])
     assert len(out) == 300 and parser.idle and parser._slow is None
+
+
+def test_past_the_replay_bound_an_llhttp_error_is_final_and_asks_for_the_hand_parser(monkeypatch):
+    from purged.core import http1_fast
+
+    monkeypatch.setattr(http1_fast, "_RETAIN_MAX", 100)
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    parser = FastResponseParser()
+    assert len(parser.feed(one * 3 + one[:10])) == 3  # ends inside an answer: the bytes are kept...
+    assert len(parser.feed(one[10:] + one * 3 + one[:10])) == 4  # ...until past the bound
+    with pytest.raises(ProtocolError) as info:
+        parser.feed(one[10:20] + b"\x00garbage\r\n\r\n")
+    assert info.value.reason == "bad_header" and parser.needs_hand_parser
+    with pytest.raises(ProtocolError):
+        parser.feed(one)  # broken for good, like the hand parser after an error

@@ -91,6 +91,8 @@ async def test_edge_without_pipelining_falls_back_to_one_in_flight(nursery):
         metrics = (await client.get("/metrics")).text
         assert f'purged_pipelining_fallbacks_total{{dc="dc",layer="t0",node="{node}"}} 1.0' in metrics
         assert f'purged_sender_window{{dc="dc",layer="t0",node="{node}"}} 1.0' in metrics
+        connections = service.config.sender.connections
+        assert f'purged_node_window{{dc="dc",layer="t0",node="{node}"}} {float(connections)}' in metrics
 
 
 async def test_stalled_node_times_out_and_never_slows_the_others(nursery):

@@ -15,7 +15,7 @@ paths = st.text("az09/?#%:&= \n\x7f\u00e9@!~\"", max_size=8)
 urls = st.builds(lambda p, h, q: p + h + q, prefixes, hosts, paths)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(urls, st.sampled_from(["https://en.wikipedia.org/wiki/A?b=c", "//x.org/"])), min_size=2,
                 max_size=5))
 def test_the_same_targets_as_one_url_at_a_time(batch):

@@ -244,23 +244,26 @@ class Engine:
         moved = 0  # bit per lane whose cursor advanced
         oks = 0
         latency = 0.0
+        slots = [lane.log.slots() for lane in lanes]
+        finish = [lane.cursors[name].finish for lane in lanes]
         for ident, status in answers:
             if ident not in inflight:
                 continue  # stale: the node was resynced or removed meanwhile
             if not (200 <= status < 300 or status == 404):
                 self.ack(name, ident, status, now)  # retry, error, poison: the general path
+                slots = [lane.log.slots() for lane in lanes]  # it may have trimmed a log
                 continue
             responses[status] = responses.get(status, 0) + 1
             inflight.discard(ident)
             if node.suspects:
                 node.suspects.pop(ident, None)
             li = ident & 1
-            lane = lanes[li]
             seq = ident >> 1
-            seconds = now - lane.log.get(seq).accepted_at
+            entries, off = slots[li]
+            seconds = now - entries[seq + off].accepted_at  # type: ignore[union-attr]
             observe_counts[bisect_left(observe_bounds, seconds)] += 1
             latency += seconds
-            lane.cursors[name].finish(seq)
+            finish[li](seq)
             moved |= 1 << li
             oks += 1
             # Per answer, not once per read: the poison rule (_suspect) reads these between answers.

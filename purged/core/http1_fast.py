@@ -1,21 +1,27 @@
 """Core layer (sans-IO): the fast response parser of the PURGE hot path, llhttp in front of the hand parser.
 
-``FastResponseParser`` has the contract of :class:`purged.core.http1.ResponseParser` (same responses, same
-errors, same ``reason``, however the reads split) at a fifth of its CPU on the common stream: keep-alive
-responses framed by ``Content-Length`` or chunked, as Varnish and ATS send them. llhttp (C, through
-``httptools``, the bindings uvicorn uses) frames those with two Python callbacks per response instead of two
-regexes and a dozen bytes operations.
+``FastResponseParser`` has the contract of :class:`purged.core.http1.ResponseParser` (the same responses and
+errors, however the reads split) at about a third of its CPU on the common stream: HTTP/1.1 keep-alive answers
+framed by ``Content-Length``, as Varnish and ATS send them. llhttp (C, through ``httptools``, the bindings
+uvicorn uses) frames those with four small Python callbacks per answer instead of two regexes and a dozen
+bytes operations.
 
 llhttp is not the authority, the hand parser is. llhttp differs from it on rare inputs (it refuses a repeated
 ``Content-Length`` even with the same value, ``HTTP/1.2``, chunk extensions that are not tokens; it cannot be
 told about EOF, so it cannot end a read-until-close body). So the fast path only ever *accepts* the plain
 case, and hands the connection to a :class:`ResponseParser` (which then decides everything, for the rest of
-the connection) as soon as anything else shows: an llhttp error, an upgrade, a response that ends the
-connection, EOF inside a response, a response spanning more than ``max_header_size`` bytes of later reads.
-For that it keeps the bytes since the last read that ended between responses (the usual case with large
-reads: the edge writes whole responses) and how many responses it returned since; the hand parser replays
-them and the answers it already gave are skipped. What llhttp accepts with keep-alive is also what the hand
-parser accepts, with the few checks below for where llhttp is laxer (versions, status codes below 100).
+the connection) as soon as anything else shows: an llhttp error, an upgrade, an answer that ends the
+connection, HTTP/1.0, chunked framing, a status below 100, a control character in a reason phrase, EOF
+inside an answer, an open head longer than ``max_header_size``. For that it keeps the bytes since the last
+read that ended between answers (the usual case with large reads: the edge writes whole answers) and how many
+answers it returned since; the hand parser replays them and the answers already given are skipped.
+
+Where llhttp accepts what the hand parser would refuse (pinned in tests/test_http1.py and
+tests/test_http1_fast.py; none changes how an accepted answer is framed): empty lines before a status line
+are skipped; a ``Content-Length`` of 19 or 20 digits below 2**64 is a length; a head or chunk-size line that
+arrives whole in one read is not held to ``max_header_size`` (llhttp does not buffer it, so memory stays
+bounded by the read; across reads the limit holds); ``Transfer-Encoding: chunked, chunked`` is refused at the
+first chunk rather than at the head.
 """
 
 from __future__ import annotations

@@ -85,10 +85,12 @@ class Lane:
         stop = self.read_limit(name, now)
         cursor = start = cur.cursor
         inflight = node.inflight
+        entries, off = log.slots()
+        take = cur.take
         while cursor < stop and len(out) < limit:
             seq = cursor
             cursor += 1
-            entry = log.get(seq)
+            entry = entries[seq + off]
             if not entry.dc_mask & bit:
                 continue
             cur.matched += 1
@@ -120,7 +122,7 @@ class Lane:
                     self.out.timer = True
                     continue
                 dedup.sent(target, now)
-            cur.take(seq)
+            take(seq)
             inflight.add(ident)
             out.append((ident, target))
         cur.cursor = cursor

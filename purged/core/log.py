@@ -38,6 +38,11 @@ class PurgeLog:
         assert entry is not None
         return entry
 
+    def slots(self) -> tuple[list[Entry | None], int]:
+        """``(entries, off)`` with ``entries[seq + off] == get(seq)``, for hot loops; valid until the next
+        :meth:`trim` or :meth:`load` (appends keep it valid)."""
+        return self._entries, self._offset - self.base
+
     def append(self, target: str, now: float, dc_mask: int) -> tuple[int, bool]:
         """Add a purge; return ``(seq, merged)``. A merge reuses the unread latest entry for the same target."""
         latest = self.index.get(target)

@@ -252,7 +252,8 @@ class NatsBus:
             self._logged = now
             log.warning("%s", text)
 
-    def _fail(self, reason: str, detail: str) -> BusUnavailable:
+    def fail(self, reason: str, detail: str) -> BusUnavailable:
+        """Count a publish that cannot be done (``reason`` labels purged_bus_publish_failures_total)."""
         self.stats.publish_failures[reason] = self.stats.publish_failures.get(reason, 0) + 1
         return BusUnavailable(detail)
 
@@ -263,7 +264,7 @@ class NatsBus:
         ``Nats-Msg-Id`` so that the stream stores it once. :class:`BusUnavailable` past the deadline, at once
         before the bus was ever set up, and on an error that a retry cannot cure."""
         if not self.ready.is_set():
-            raise self._fail("not_ready", f"the bus is {self.state} (not set up yet); retry later")
+            raise self.fail("not_ready", f"the bus is {self.state} (not set up yet); retry later")
         start = trio.current_time()
         deadline = start + self.settings.publish_timeout
         seqs = [await self._publish_one(data, f"{self._msg_prefix}{next(self._msg_ids)}", deadline)
@@ -282,7 +283,7 @@ class NatsBus:
         while True:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
-                raise self._fail(reason, detail)
+                raise self.fail(reason, detail)
             if self.state != "connected":
                 reason, detail = "disconnected", f"the bus is {self.state}"
                 await trio.sleep(min(0.1, remaining))
@@ -300,7 +301,7 @@ class NatsBus:
             except nats.js.errors.ServiceUnavailableError:
                 reason, detail = "unavailable", "JetStream is unavailable (failing over)"
             except nats.js.errors.APIError as exc:  # a refusal a retry cannot cure (a stream limit, ...)
-                raise self._fail("api_error", f"JetStream refused the publish: {exc.description}") from None
+                raise self.fail("api_error", f"JetStream refused the publish: {exc.description}") from None
             except (nats.errors.Error, OSError) as exc:
                 reason, detail = "disconnected", f"bus error: {type(exc).__name__}"
             await trio.sleep(min(0.2, max(0.0, deadline - trio.current_time())))

@@ -111,8 +111,11 @@ class Fleet:
         if not targets:
             return Admitted(None, checked.rejected)
         try:
-            payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
-                                    max_payload=self.bus.max_payload)
+            try:
+                payloads = encode_batch(targets, priority=priority, origin=self.name, accepted_at=time.time(),
+                                        max_payload=self.bus.max_payload)
+            except ValueError as exc:  # a URL longer than the server's max_payload: the server's config
+                raise self.bus.fail("too_large", str(exc)) from None
             seqs = await self.bus.publish(payloads, len(targets))
         except BusUnavailable as exc:
             driver.engine.reject(source, "bus_unavailable", len(targets))

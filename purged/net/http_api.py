@@ -95,10 +95,13 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: list | None = None
+    reason: str = ""  # an error's reason, as in its JSON body: counted in purged_api_refused_total
 
 
 def json_response(status: int, data: Any, headers: list | None = None) -> Response:
-    return Response(status, json.dumps(data, separators=(",", ":")).encode() + b"\n", headers=headers)
+    reason = data.get("error", "") if status >= 400 and isinstance(data, dict) else ""
+    return Response(status, json.dumps(data, separators=(",", ":")).encode() + b"\n", headers=headers,
+                    reason=reason)
 
 
 def error_response(exc: PurgedError) -> Response:
@@ -135,6 +138,12 @@ class API:
         self.active = 0  # requests whose head has arrived and whose answer is not sent yet
         self.connections = 0  # open connections over every listener (limits.max_connections)
         self.audit = Audit()
+        self.refused: dict[tuple[int, str], int] = {}  # (status, reason) -> answers; reasons are fixed names
+
+    def count_refusal(self, resp: Response) -> None:
+        """Count an answer >= 400 by status and reason (``purged_api_refused_total``)."""
+        key = (resp.status, resp.reason or "other")
+        self.refused[key] = self.refused.get(key, 0) + 1
 
     def allowed(self, host: str) -> bool:
         """Is a client at ``host`` inside ``listen.http_allow``?"""

@@ -247,6 +247,8 @@ async def _exchange(conn: h11.Connection, stream: trio.abc.Stream, api: API, pee
     except Exception:  # a bug: answer it rather than drop the connection, and say where
         log.exception("unexpected error handling a request from %s", peer)
         resp = error_response(HTTPError(500, "internal_error", "unexpected error; see the daemon's log"))
+    if resp.status >= 400:
+        api.count_refusal(resp)
     if resp.status >= 400 and resp.status not in (401, 404, 429, 503):
         _refused_log.info(str(resp.status), "%s -> %d %s", peer, resp.status, resp.body[:200].decode(errors="replace"))
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
