@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import PYTHON, ROOT, cpu_seconds, stop_process
+from common import PYTHON, ROOT, cpu_seconds, purged_config, stop_process
 from netns_delay import in_netns
 from netns_topology import die_with_parent
 
@@ -38,41 +38,19 @@ def ns_context(netns: str | None):
 
 def fleet_config(name: str, nodes: list[str], servers: list[str] | None, *, state_dir: str, replicas: int,
                  stream: str = "PURGED", window: int = 128, connections: int = 1) -> str:
-    """One daemon of the fleet: its name, the bus (none if ``servers`` is None: a daemon alone), one DC (named
-    after it) with one tier holding ``nodes``."""
-    lines = [
-        f"state_dir: {json.dumps(state_dir)}",
-        "listen:",
-        '  http: "127.0.0.1:0"',
-    ]
-    if servers is not None:
-        lines += [
-            f"name: {json.dumps(name)}",
-            "bus:",
-            "  nats:",
-            "    servers: [" + ", ".join(json.dumps(s) for s in servers) + "]",
-            f"    stream: {stream}",
-            f"    replicas: {int(replicas)}",
-        ]
-    lines += [
-        "datacenters:",
-        f"  {name}:",
-        "    tiers:",
-        "      - name: frontend",
-        "        nodes: [" + ", ".join(json.dumps(n) for n in nodes) + "]",
-        "sender:",
-        f"  window: {int(window)}",
-        f"  connections: {int(connections)}",
-        "  timeout: 30",
-        "limits:",
-        "  max_urls_per_batch: 100000",
-        "  max_wait: 120",
-        "  client_rate: 0  # the bench posts as fast as it is told to: no per-client rate, no pending ceilings",
-        "  max_pending: 0",
-        "  max_pending_bytes: 0",
-        "shutdown_timeout: 2",
-    ]
-    return "\n".join(lines) + "\n"
+    """One daemon of the fleet: common.purged_config (one DC named after the daemon, one tier holding ``nodes``)
+    plus its name and the bus (none if ``servers`` is None: a daemon alone)."""
+    config = purged_config(nodes, window=window, connections=connections, dc=name, state_dir=state_dir)
+    if servers is None:
+        return config
+    return config + "\n".join([
+        f"name: {json.dumps(name)}",
+        "bus:",
+        "  nats:",
+        "    servers: [" + ", ".join(json.dumps(s) for s in servers) + "]",
+        f"    stream: {stream}",
+        f"    replicas: {int(replicas)}",
+    ]) + "\n"
 
 
 class FleetDaemon:

@@ -261,7 +261,7 @@ def tcp_rtt(host: str, port: int, count: int = 5, request: bytes | None = None, 
     return out
 
 
-def _echo_server(sock: socket.socket, stop: threading.Event) -> None:
+def echo_server(sock: socket.socket, stop: threading.Event) -> None:
     sock.settimeout(0.2)
     while not stop.is_set():
         try:
@@ -283,7 +283,7 @@ def check(delay_ms: float, count: int) -> int:
         stop = threading.Event()
         with in_netns(link.netns_b):
             srv = socket.create_server((link.addr_b, 7))
-        thread = threading.Thread(target=_echo_server, args=(srv, stop), daemon=True)
+        thread = threading.Thread(target=echo_server, args=(srv, stop), daemon=True)
         thread.start()
         try:
             with in_netns(link.netns_a):

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from netns_delay import TUN_NAME, in_netns, ip, open_tun, tcp_rtt  # noqa: E402
+from netns_delay import TUN_NAME, echo_server, in_netns, ip, open_tun, tcp_rtt  # noqa: E402
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -299,22 +299,6 @@ class Topology:
 # -- round-trip check ----------------------------------------------------------------------------------------------
 
 
-def _echo(sock: socket.socket, stop: threading.Event) -> None:
-    sock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            conn, _ = sock.accept()
-        except TimeoutError:
-            continue
-        with conn:
-            conn.settimeout(5)
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-
 def check(dcs: int, link_ms: float, count: int) -> int:
     """Build the star, print the TCP connect RTT (min of ``count``) between every pair, tear it down."""
     with Topology(dcs=dcs, link_ms=link_ms) as topo:
@@ -324,7 +308,7 @@ def check(dcs: int, link_ms: float, count: int) -> int:
             for i in range(dcs):
                 with in_netns(topo.netns[i]):
                     servers.append(socket.create_server((topo.addr[i], 7)))
-                threads.append(threading.Thread(target=_echo, args=(servers[-1], stop), daemon=True))
+                threads.append(threading.Thread(target=echo_server, args=(servers[-1], stop), daemon=True))
                 threads[-1].start()
             print(f"netns_topology: {dcs} DCs, star with {link_ms:g} ms spokes (expected DC-to-DC RTT "
                   f"{4 * link_ms:g} ms); min TCP connect time, ms:")
