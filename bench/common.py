@@ -295,6 +295,20 @@ def wait_purges(varnishes: list[Varnish], targets: list[int], timeout: float, in
         time.sleep(interval)
 
 
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident set (``VmRSS``) or its peak (``VmHWM``), in KiB, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples over all its label sets, in a /metrics text."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
+
+
 # -- purged -------------------------------------------------------------------------------------------------------
 
 

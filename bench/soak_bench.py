@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PYTHON, ROOT, Varnish, cpu_seconds, machine_note, stop_process  # noqa: E402
+from common import PYTHON, ROOT, Varnish, cpu_seconds, machine_note, metric, rss_kib, stop_process  # noqa: E402
 from sender_bench import busy_cpu_seconds, children_cpu_seconds, run_wrk  # noqa: E402
 
 CONFIG = """\
@@ -59,18 +59,6 @@ limits:
 shutdown_timeout: 2
 """
 READY = re.compile(r"purged ready: http [^\s]*:(\d+)")
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M))
 
 
 class Daemon:

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 
-from common import PYTHON, ROOT, Varnish, free_port, stop_process, wait_listening
+from common import PYTHON, ROOT, Varnish, free_port, metric, rss_kib, stop_process, wait_listening
 
 CONFIG = """\
 state_dir: null
@@ -54,21 +54,6 @@ limits:
   max_urls_per_batch: 10000
 sender: {{window: 128, connections: 2}}
 """
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M):
-        total += float(m.group(1))
-    return total
 
 
 def get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
