@@ -49,6 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
 
+from edge_node import EdgeNode
 from procgroup import _pgroup_members
 
 TRAFFIC_SERVER = shutil.which("traffic_server", path=os.environ.get("PATH", "") + ":/usr/bin:/usr/sbin") or (
@@ -122,8 +123,10 @@ class _LogFile:
                 )
 
 
-class AtsNode:
+class AtsNode(EdgeNode):
     """One traffic_server on 127.0.0.1:``port`` (0: a free port picked at the first start, kept after)."""
+
+    error = AtsError
 
     def __init__(
         self,
@@ -146,33 +149,6 @@ class AtsNode:
         self._proc: subprocess.Popen[bytes] | None = None
         self._logs: list[_LogFile] = []
         self._marker_seq = 0
-
-    # -- addresses -----------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise AtsError(f"{self.name}: not started yet, no port")
-        return self._port
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        return f"<AtsNode {self.name} {self.host}:{self._port} {'running' if self.running else 'stopped'}>"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -254,14 +230,6 @@ class AtsNode:
         else:
             self.stop()
         return self.start(timeout)
-
-    def __enter__(self) -> AtsNode:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- observations --------------------------------------------------------------------------
 

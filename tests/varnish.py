@@ -50,6 +50,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from edge_node import EdgeNode
 from procgroup import _freeze, _pgroup_members, _terminate
 from varnish_log import _LOG_FORMAT, _LOG_QUERY, SYNC_PATH, Purge, _PurgeFile
 
@@ -107,8 +108,10 @@ def _kill_leftovers() -> None:
             node.kill(sync=False)
 
 
-class VarnishNode:
+class VarnishNode(EdgeNode):
     """One varnishd edge node on ``host``:``port`` (port 0: an ephemeral port, kept across restarts)."""
+
+    error = VarnishError
 
     def __init__(
         self,
@@ -142,35 +145,6 @@ class VarnishNode:
         self._out_path = self.workdir / "varnishd.0.out"
         self._reader_err = self.workdir / "varnishncsa.0.err"
         self._spawned_at = 0.0
-
-    # -- addresses -----------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise VarnishError(f"{self.name}: not started yet, no port")
-        return self._port
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the varnishd manager (also its process group), None when not running."""
-        return self._proc.pid if self.running else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<VarnishNode {self.name} {self.host}:{self._port} {state}>"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -265,14 +239,6 @@ class VarnishNode:
                 if "in use" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-
-    def __enter__(self) -> VarnishNode:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- observations --------------------------------------------------------------------------
 

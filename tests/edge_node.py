@@ -1,0 +1,67 @@
+"""What the tests' edge-cache processes (``VarnishNode``, ``AtsNode``) share: an address on 127.0.0.1, one
+process (and its group) started by the test, the context-manager and restart conventions.
+
+A subclass sets ``error`` (its exception type) and ``_port``/``_proc``/``name``/``host``, and implements
+``start(timeout)``, ``stop()`` and ``kill()``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+
+class EdgeNode:
+    error: type[Exception] = RuntimeError
+    name: str
+    host: str
+    _port: int
+    _proc: subprocess.Popen[bytes] | None
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise self.error(f"{self.name}: not started yet, no port")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the node's main process (also its process group), None when not running."""
+        return self._proc.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.name} {self.host}:{self._port} {state}>"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
