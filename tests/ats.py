@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
 
-from edge_node import EdgeNode
+from edge_node import EdgeNode, LogTail
 from procgroup import _pgroup_members
 
 TRAFFIC_SERVER = shutil.which("traffic_server", path=os.environ.get("PATH", "") + ":/usr/bin:/usr/sbin") or (
@@ -90,37 +90,26 @@ def _kill_leftovers() -> None:
             node.kill(sync=False)
 
 
-class _LogFile:
+class _LogFile(LogTail):
     """Incremental parser of one run's requests.log."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.requests: list[Request] = []
         self.markers: set[str] = set()
-        self._offset = 0
-        self._lock = threading.Lock()
 
-    def refresh(self) -> None:
-        with self._lock:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read()
-            except FileNotFoundError:
-                return
-            end = data.rfind(b"\n") + 1
-            self._offset += end
-            for raw in data[:end].decode("utf-8", "surrogateescape").split("\n"):
-                fields = raw.split("\t", 4)
-                if len(fields) != 5:
-                    continue
-                ts, method, status, host, url = fields
-                if url.startswith(SYNC_PATH):
-                    self.markers.add(url)
-                    continue
-                self.requests.append(
-                    Request(float(ts), method, int(status) if status.isdigit() else 0, "" if host == "-" else host, url)
-                )
+    def parse(self, data: bytes) -> None:
+        for raw in data.decode("utf-8", "surrogateescape").split("\n"):
+            fields = raw.split("\t", 4)
+            if len(fields) != 5:
+                continue
+            ts, method, status, host, url = fields
+            if url.startswith(SYNC_PATH):
+                self.markers.add(url)
+                continue
+            self.requests.append(
+                Request(float(ts), method, int(status) if status.isdigit() else 0, "" if host == "-" else host, url)
+            )
 
 
 class AtsNode(EdgeNode):

@@ -1,5 +1,6 @@
 """What the tests' edge-cache processes (``VarnishNode``, ``AtsNode``) share: an address on 127.0.0.1, one
-process (and its group) started by the test, the context-manager and restart conventions.
+process (and its group) started by the test, the context-manager convention, and reading their request logs
+as they grow (:class:`LogTail`).
 
 A subclass sets ``error`` (its exception type) and ``_port``/``_proc``/``name``/``host``, and implements
 ``start(timeout)``, ``stop()`` and ``kill()``.
@@ -8,6 +9,8 @@ A subclass sets ``error`` (its exception type) and ``_port``/``_proc``/``name``/
 from __future__ import annotations
 
 import subprocess
+import threading
+from pathlib import Path
 from typing import Any
 
 
@@ -65,3 +68,28 @@ class EdgeNode:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class LogTail:
+    """An edge's request log read as it grows: :meth:`refresh` hands every newly completed line to
+    :meth:`parse` (a line is complete once its newline is there); thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self._lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            end = data.rfind(b"\n") + 1
+            self._offset += end
+            self.parse(data[:end])
+
+    def parse(self, data: bytes) -> None:
+        raise NotImplementedError

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import NamedTuple
+
+from edge_node import LogTail
 
 #: Requests to this path are only markers for the log reader (they get a 503 and no purge).
 SYNC_PATH = "/__varnish_fixture_sync__"
@@ -21,28 +22,14 @@ class Purge(NamedTuple):
     url: str  # path and query, as received
 
 
-class _PurgeFile:
+class _PurgeFile(LogTail):
     """Incremental parser of one varnishncsa output file (one per varnishd run)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.purges: list[Purge] = []
         self.markers: set[str] = set()
         self._seen: set[str] = set()  # vxids: a backfill from the head of the log may repeat records
-        self._offset = 0
-        self._lock = threading.Lock()
-
-    def refresh(self) -> None:
-        with self._lock:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read()
-            except FileNotFoundError:
-                return
-            end = data.rfind(b"\n") + 1  # a line is complete once its newline is there
-            self._offset += end
-            self.parse(data[:end])
 
     def parse(self, data: bytes) -> None:
         for raw in data.decode("utf-8", "surrogateescape").split("\n"):
