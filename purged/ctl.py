@@ -279,11 +279,16 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
 NODE_COLUMNS = ("node", "dc", "tier", "state", "backlog", "inflight", "retrying", "oldest_pending_seconds")
 
 
-def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
-    resp = client.request("GET", "/healthz")
+def answer(client: Client, method: str, path: str, what: str | None = None) -> dict:
+    """The JSON body of a 200 answer to ``method path``; anything else is a refusal naming ``what``."""
+    resp = client.request(method, path)
     if resp.status_code != 200:
-        raise refusal("/healthz", resp)
-    health = body_of(resp)
+        raise refusal(what or path, resp)
+    return body_of(resp)
+
+
+def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
+    health = answer(client, "GET", "/healthz")
     if args.json:
         print(json.dumps(health))
         return EXIT_OK
@@ -301,16 +306,10 @@ FLEET_COLUMNS = ("daemon", "consumer", "lag", "pending", "ack_pending", "redeliv
 def cmd_fleet(args: argparse.Namespace, client: Client) -> int:
     """The fleet's daemons (``GET /v1/fleet``), or ``retire NAME`` (``DELETE /v1/fleet/NAME``, scope admin)."""
     if args.fleet_command == "retire":
-        resp = client.request("DELETE", "/v1/fleet/" + quote(args.name, safe=""))
-        if resp.status_code != 200:
-            raise refusal(f"retire {args.name}", resp)
-        body = body_of(resp)
+        body = answer(client, "DELETE", "/v1/fleet/" + quote(args.name, safe=""), f"retire {args.name}")
         print(f"retired {body.get('retired')} (consumer {body.get('consumer')} deleted)")
         return EXIT_OK
-    resp = client.request("GET", "/v1/fleet")
-    if resp.status_code != 200:
-        raise refusal("/v1/fleet", resp)
-    fleet = body_of(resp)
+    fleet = answer(client, "GET", "/v1/fleet")
     if args.json:
         print(json.dumps(fleet))
         return EXIT_OK
