@@ -34,7 +34,6 @@ teardown signals (SIGTERM, then SIGKILL); the crash-log helper it would spawn is
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
@@ -77,17 +76,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-_live: set[AtsNode] = set()
-_live_lock = threading.Lock()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for node in list(_live):
-        with contextlib.suppress(Exception):
-            node.kill(sync=False)
 
 
 class _LogFile(LogTail):
@@ -184,8 +172,7 @@ class AtsNode(EdgeNode):
                 start_new_session=True,
                 cwd=root,
             )
-        with _live_lock:
-            _live.add(self)
+        self._track(True)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -363,8 +350,7 @@ class AtsNode(EdgeNode):
                         os.kill(pid, signal.SIGKILL)
                 time.sleep(0.01)
         self._proc = None
-        with _live_lock:
-            _live.discard(self)
+        self._track(False)
         for f in self._logs:
             f.refresh()
         if error is not None:

@@ -8,10 +8,22 @@ A subclass sets ``error`` (its exception type) and ``_port``/``_proc``/``name``/
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
+
+_live: set[EdgeNode] = set()  # started and not yet seen stopped: killed at interpreter exit, whatever happened
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for node in list(_live):
+        with contextlib.suppress(Exception):
+            node.kill(sync=False)
 
 
 class EdgeNode:
@@ -58,8 +70,16 @@ class EdgeNode:
     def stop(self) -> None:
         raise NotImplementedError
 
-    def kill(self) -> None:
+    def kill(self, sync: bool = True) -> None:
         raise NotImplementedError
+
+    def _track(self, live: bool) -> None:
+        """Record that this node's process runs (True) or is gone (False), for the kill at exit."""
+        with _live_lock:
+            if live:
+                _live.add(self)
+            else:
+                _live.discard(self)
 
     def __enter__(self) -> Any:
         if not self.running:

@@ -35,7 +35,6 @@ directories; ``-j none`` keeps everything as the calling user.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -44,7 +43,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -96,17 +94,6 @@ _CACHING_CC_COMMAND = (
     "k=$({ echo '%D'; cat %s; } | sha256sum | cut -c1-64); c=\"CACHE/$k.so\"; "
     'if [ -f "$c" ]; then cp "$c" %o; else (%D) && cp %o "$c.$$" && mv "$c.$$" "$c"; fi'
 )
-
-_live: set[VarnishNode] = set()
-_live_lock = threading.Lock()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for node in list(_live):
-        with contextlib.suppress(Exception):
-            node.kill(sync=False)
-
 
 class VarnishNode(EdgeNode):
     """One varnishd edge node on ``host``:``port`` (port 0: an ephemeral port, kept across restarts)."""
@@ -189,8 +176,7 @@ class VarnishNode(EdgeNode):
                 start_new_session=True,  # own process group: manager + child, signalled as one
                 cwd=self.workdir,
             )
-        with _live_lock:
-            _live.add(self)
+        self._track(True)
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Second half of start(): wait for the child, learn the port, attach the log reader."""
@@ -491,9 +477,8 @@ class VarnishNode(EdgeNode):
         self._reader = None
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None
-        with _live_lock:
-            if self._proc is None:
-                _live.discard(self)
+        if self._proc is None:
+            self._track(False)
 
 
 def start_all(nodes: Iterable[VarnishNode], timeout: float = 30.0) -> list[VarnishNode]:
