@@ -92,7 +92,7 @@ class Fleet:
         self._heaps: list[list[tuple[int, int]]] = [[] for _ in driver.engine.lanes]  # per lane (hi, seq)
         self._fetched: list[Any] = []  # fetched, not yet submitted (waiting for local capacity): heartbeaten too
         self.known: OrderedDict[int, Known] = OrderedDict()
-        self._acked: OrderedDict[int, None] = OrderedDict()  # recently acked seqs: a redelivery is acked again
+        self._acked: OrderedDict[int, None] = OrderedDict()  # recently settled seqs: a redelivery is acked again
         self._view: View | None = None
         self._view_lock = trio.Lock()
         self.waiters = 0
@@ -193,6 +193,11 @@ class Fleet:
 
     def _ack(self, msg: Any, seq: int) -> None:
         self.bus.ack(msg)
+        self._settled(seq)
+
+    def _settled(self, seq: int) -> None:
+        """``seq`` is finished here (acked, or terminated as unreadable): a redelivery of it, after an ack or a
+        term lost in a failover, is only acked again, neither resent nor counted twice."""
         self._acked[seq] = None
         if len(self._acked) > 10_000:
             self._acked.popitem(last=False)
@@ -220,6 +225,7 @@ class Fleet:
         except BadMessage as exc:
             self._bad(exc.reason, seq)
             bus.term(msg)
+            self._settled(seq)
             return
         stats.consumed_urls += len(batch.urls)
         receipts = await self._submit(batch.urls, batch.priority)
