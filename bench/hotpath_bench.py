@@ -71,7 +71,7 @@ def topology(nodes: int) -> Topology:
     return Topology([DatacenterSpec("dc", (), (TierSpec("t", 0.0, names),))])
 
 
-def bench_take_ack(nodes: int, per_read: int, repeats: int) -> float:
+def bench_take_ack(nodes: int, per_read: int, repeats: int, take: int = 256) -> float:
     topo = topology(nodes)
     names = [f"n{i}" for i in range(nodes)]
     targets = [f"en.wikipedia.org/wiki/P{i}?action=raw" for i in range(100_000)]
@@ -84,7 +84,7 @@ def bench_take_ack(nodes: int, per_read: int, repeats: int) -> float:
         done = 0
         while done < len(targets) * nodes:
             for name in names:
-                items = engine.take(name, 256, 1.0)
+                items = engine.take(name, take, 1.0)
                 for i in range(0, len(items), per_read):
                     answers = [(ident, 200) for ident, _ in items[i : i + per_read]]
                     if many is not None:
@@ -132,15 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", default="1,4")
     p.add_argument("--per-read", type=int, default=16, help="answers per read (default 16)")
+    p.add_argument("--take", type=int, default=256, help="purges per take (default 256)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--steps", default="parse,take,encode,ingest", help="which steps to run (default: all)")
     args = p.parse_args(argv)
+    steps = set(args.steps.split(","))
     print(f"hotpath_bench: purged from {src or 'the working tree'}; parser {Parser.__name__}; best of "
           f"{args.repeats}; us of CPU")
-    print(f"  parse, per answer ({args.per_read} per read):   {bench_parse(args.per_read, args.repeats):6.2f}")
-    for n in (int(x) for x in args.nodes.split(",")):
-        print(f"  take + ack, per PURGE, {n} node(s):      {bench_take_ack(n, args.per_read, args.repeats):6.2f}")
-    print(f"  encode, per PURGE:                      {bench_encode(args.repeats):6.2f}")
-    print(f"  ingest (decode+validate+submit), per URL: {bench_ingest(args.repeats):6.2f}")
+    if "parse" in steps:
+        print(f"  parse, per answer ({args.per_read} per read):   {bench_parse(args.per_read, args.repeats):6.2f}")
+    if "take" in steps:
+        for n in (int(x) for x in args.nodes.split(",")):
+            took = bench_take_ack(n, args.per_read, args.repeats, args.take)
+            print(f"  take {args.take} + ack, per PURGE, {n} node(s):  {took:6.2f}")
+    if "encode" in steps:
+        print(f"  encode, per PURGE:                      {bench_encode(args.repeats):6.2f}")
+    if "ingest" in steps:
+        print(f"  ingest (decode+validate+submit), per URL: {bench_ingest(args.repeats):6.2f}")
     return 0
 
 

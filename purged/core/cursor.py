@@ -5,6 +5,11 @@ not yet acknowledged (in flight, deferred or waiting for a retry), or skipped be
 target supersedes it (then it is done when that later entry is). Everything below ``position`` has been delivered
 to the node, dropped for it by a counted policy, or was never meant for it. Batch status, tier gates and log
 trimming are comparisons against it.
+
+What is taken is kept as runs ``[lo, hi)`` of consecutive seqs, not one item per seq: a node takes its window as
+one run and, answers coming back in order, one read's acknowledgements finish the front of the oldest run at
+once (:meth:`NodeCursor.finish_run`), O(1) whatever their number. Seqs finished out of order wait in ``_done``
+until the front reaches them.
 """
 
 from __future__ import annotations
@@ -13,53 +18,111 @@ from collections import deque
 
 
 class NodeCursor:
-    __slots__ = ("cursor", "matched", "_order", "_done", "_waiters")
+    __slots__ = ("cursor", "matched", "_runs", "_count", "_done", "_waiters")
 
     def __init__(self, start: int, matched: int = 0):
         self.cursor = start
         self.matched = matched  # entries read that were meant for this node
-        self._order: deque[int] = deque()  # seqs taken or pinned, in read order
-        self._done: set[int] = set()  # finished seqs still inside _order
+        # Seqs taken or pinned, ascending (they are read in order): disjoint runs [lo, hi), oldest first.
+        self._runs: deque[list[int]] = deque()
+        self._count = 0  # seqs inside _runs
+        self._done: set[int] = set()  # finished seqs still inside _runs
         self._waiters: dict[int, list[int]] = {}  # superseding seq -> seqs pinned on it
 
     @property
     def position(self) -> int:
-        return self._order[0] if self._order else self.cursor
+        runs = self._runs
+        return runs[0][0] if runs else self.cursor
 
     @property
     def unfinished(self) -> int:
-        return len(self._order) - len(self._done)
+        return self._count - len(self._done)
 
     def take(self, seq: int) -> None:
-        self._order.append(seq)
+        runs = self._runs
+        if runs and runs[-1][1] == seq:
+            runs[-1][1] = seq + 1
+        else:
+            runs.append([seq, seq + 1])
+        self._count += 1
+
+    def take_run(self, lo: int, hi: int) -> None:
+        """:meth:`take` each seq of ``lo .. hi - 1`` (above everything taken so far)."""
+        runs = self._runs
+        if runs and runs[-1][1] == lo:
+            runs[-1][1] = hi
+        else:
+            runs.append([lo, hi])
+        self._count += hi - lo
 
     def pin(self, seq: int, superseded_by: int) -> None:
-        self._order.append(seq)
+        self.take(seq)
         self._waiters.setdefault(superseded_by, []).append(seq)
 
     def finish(self, seq: int) -> None:
         """``seq`` is delivered (or dropped by policy): it and everything pinned on it are done."""
-        order, done = self._order, self._done
         if not self._waiters:  # the usual case, nothing pinned: no stack
-            if order and order[0] == seq:
-                order.popleft()
-                while order and order[0] in done:
-                    done.discard(order.popleft())
-            else:
-                done.add(seq)
+            runs = self._runs
+            if runs:
+                run = runs[0]
+                if run[0] == seq:
+                    self._count -= 1
+                    if seq + 1 < run[1]:
+                        run[0] = seq + 1
+                    else:
+                        runs.popleft()
+                    if self._done:
+                        self._advance()
+                    return
+            self._done.add(seq)
             return
+        done, waiters = self._done, self._waiters
         stack = [seq]
         while stack:
             s = stack.pop()
-            self._done.add(s)
-            stack.extend(self._waiters.pop(s, ()))
-        while order and order[0] in done:
-            done.discard(order.popleft())
+            done.add(s)
+            stack.extend(waiters.pop(s, ()))
+        self._advance()
+
+    def finish_run(self, lo: int, hi: int) -> None:
+        """:meth:`finish` each seq of ``lo .. hi - 1``, all taken and unfinished: O(1) when they are the front
+        of the oldest run and nothing is pinned on them (answers in order)."""
+        runs = self._runs
+        waiters = self._waiters
+        if runs and (not waiters or waiters.keys().isdisjoint(range(lo, hi))):
+            run = runs[0]
+            if run[0] == lo and hi <= run[1]:
+                self._count -= hi - lo
+                if hi < run[1]:
+                    run[0] = hi
+                else:
+                    runs.popleft()
+                if self._done:
+                    self._advance()
+                return
+        for seq in range(lo, hi):
+            self.finish(seq)
+
+    def _advance(self) -> None:
+        """Drop finished seqs from the front of the runs."""
+        runs, done = self._runs, self._done
+        while runs:
+            run = runs[0]
+            lo, hi = run
+            while lo < hi and lo in done:
+                done.discard(lo)
+                lo += 1
+            self._count -= lo - run[0]
+            if lo < hi:
+                run[0] = lo
+                return
+            runs.popleft()
 
     def skip_to(self, seq: int) -> int:
         """Give up on everything before ``seq`` (a node declared out of sync); return how many were unfinished."""
         dropped = self.unfinished
-        self._order.clear()
+        self._runs.clear()
+        self._count = 0
         self._done.clear()
         self._waiters.clear()
         self.cursor = max(self.cursor, seq)

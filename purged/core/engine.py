@@ -15,8 +15,11 @@ from __future__ import annotations
 import heapq
 import random
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import compress, count, islice, repeat
+from operator import itemgetter, ne, sub
 
 from .batches import Batches
 from .events import Events, Outbox
@@ -36,6 +39,8 @@ __all__ = [
 LANES = ("high", "bulk")  # drained in this order
 HIGH, BULK = 0, 1
 MAINTENANCE_INTERVAL = 1.0  # seconds between max_lag checks
+_first, _second = itemgetter(0), itemgetter(1)
+_accepted_at = itemgetter(1)  # of a log Entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,10 +239,131 @@ class Engine(Failures):
 
     def ack_many(self, name: str, answers: list[tuple[int, int]], now: float) -> None:
         """Node ``name`` answered ``(ident, status)`` for each of ``answers``, in order (one read's worth): the
-        same as :meth:`ack` for each, with the per-answer bookkeeping (tier positions, trimming) done once."""
+        same as :meth:`ack` for each, with the per-answer bookkeeping (tier positions, trimming) done once.
+
+        The usual read, one 2xx/404 status for purges of consecutive seqs of one lane all in flight, is done with
+        list and set operations; a read that is not usual is split into runs (:meth:`_ack_runs`)."""
         node = self.nodes.get(name)
-        if node is None:
+        if node is None or not answers:
             return
+        idents, statuses = zip(*answers)  # noqa: B905 (pairs; strict would cost a call per answer)
+        n = len(idents)
+        first = idents[0]
+        status = statuses[0]
+        inflight = node.inflight
+        if not (
+            statuses.count(status) == n
+            and (200 <= status < 300 or status == 404)
+            and idents == tuple(range(first, first + 2 * n, 2))
+            and inflight.issuperset(idents)
+        ):
+            self._ack_runs(node, answers, idents, statuses, now)
+            return
+        inflight.difference_update(idents)
+        responses = node.stats.responses
+        responses[status] = responses.get(status, 0) + n
+        lane = self.lanes[first & 1]
+        lo = first >> 1
+        entries, off = lane.log.slots()
+        accepted = list(map(_accepted_at, entries[lo + off : lo + off + n]))
+        oldest = accepted[0]
+        if node.suspects or accepted.count(oldest) != n:
+            self._ack_run(node, lane, first, n, now)
+        else:  # :meth:`_ack_run` inline: accepted together (one batch), one latency bucket
+            hist = node.latency or self._histogram(node)
+            hist.counts[bisect_left(hist.bounds, now - oldest)] += n
+            hist.total += (now - oldest) * n
+            lane.cursors[name].finish_run(lo, lo + n)
+        node.failures = 0
+        node.oks += n
+        if node.down:
+            node.down = False
+            self._out.wake.add(name)  # out of probing: a full window again
+        lane.moved(name, now)
+        self._out.progress = True
+        self._acks_since_trim += n
+        if self._acks_since_trim >= 1024:
+            self.trim()
+
+    def _ack_runs(self, node: Node, answers: list[tuple[int, int]], idents: tuple[int, ...],
+                  statuses: tuple[int, ...], now: float) -> None:
+        """:meth:`ack_many` for a read that is not the usual one. Every answer a success: by runs of
+        consecutive ids of one lane (``seq << 1 | lane``: a step of 2), answer by answer where some are stale.
+        Any other status: :meth:`_ack_each`, in order, as the poison rule judges each failure after the
+        successes before it."""
+        if not all(200 <= status < 300 or status == 404 for status in set(statuses)):
+            self._ack_each(node, answers, now)
+            return
+        name = node.name
+        responses = node.stats.responses
+        n = len(idents)
+        bounds = [0, *compress(count(1), map(ne, map(sub, islice(idents, 1, None), idents), repeat(2))), n]
+        oks = 0
+        moved = 0
+        inflight = node.inflight
+        for i in range(len(bounds) - 1):
+            lo, hi = bounds[i], bounds[i + 1]
+            run = idents[lo:hi]
+            if inflight.issuperset(run):
+                inflight.difference_update(run)
+                for status in statuses[lo:hi]:
+                    responses[status] = responses.get(status, 0) + 1
+                self._ack_run(node, self.lanes[run[0] & 1], run[0], hi - lo, now)
+                oks += hi - lo
+                moved |= 1 << (run[0] & 1)
+            else:  # some are stale (the node was resynced meanwhile, or an id repeats): not counted
+                for ident, status in answers[lo:hi]:
+                    if ident in inflight:
+                        inflight.discard(ident)
+                        responses[status] = responses.get(status, 0) + 1
+                        self._ack_run(node, self.lanes[ident & 1], ident, 1, now)
+                        oks += 1
+                        moved |= 1 << (ident & 1)
+        if oks:
+            node.failures = 0
+            node.oks += oks
+            if node.down:
+                node.down = False
+                self._out.wake.add(name)  # out of probing: a full window again
+        if moved:
+            for li, lane in enumerate(self.lanes):
+                if moved >> li & 1:
+                    lane.moved(name, now)
+            self._out.progress = True
+            self._acks_since_trim += oks
+            if self._acks_since_trim >= 1024:
+                self.trim()
+
+    def _ack_run(self, node: Node, lane: Lane, first: int, n: int, now: float) -> None:
+        """Acknowledge the ``n`` purges from id ``first`` on (consecutive seqs of ``lane``), no longer in
+        flight: cursor, latency histogram and suspects; the caller counts them and moves tier positions."""
+        lo = first >> 1
+        hi = lo + n
+        if node.suspects:
+            pop = node.suspects.pop
+            for ident in range(first, first + 2 * n, 2):
+                pop(ident, None)
+        entries, off = lane.log.slots()
+        accepted = list(map(_accepted_at, entries[lo + off : hi + off]))
+        hist = node.latency or self._histogram(node)
+        oldest = accepted[0]
+        if accepted.count(oldest) == n:  # accepted together (one batch): one bucket
+            hist.counts[bisect_left(hist.bounds, now - oldest)] += n
+            hist.total += (now - oldest) * n
+        else:
+            bounds, counts = hist.bounds, hist.counts
+            bucket = bisect_left(bounds, now - max(accepted))
+            if bucket == bisect_left(bounds, now - min(accepted)):
+                counts[bucket] += n
+            else:
+                for bucket, k in Counter(map(bisect_left, repeat(bounds), map(sub, repeat(now), accepted))).items():
+                    counts[bucket] += k
+            hist.total += now * n - sum(accepted)
+        lane.cursors[node.name].finish_run(lo, hi)
+
+    def _ack_each(self, node: Node, answers: list[tuple[int, int]], now: float) -> None:
+        """:meth:`ack_many` answer by answer (a read with a failure in it)."""
+        name = node.name
         inflight, lanes = node.inflight, self.lanes
         responses = node.stats.responses
         hist = self._histogram(node)
@@ -364,6 +490,8 @@ class Engine(Failures):
             self._next_maintenance = now + MAINTENANCE_INTERVAL
         for lane in self.lanes:
             lane.linger = policy.linger
+        for node in self.nodes.values():
+            node.latency = None  # its data centre or tier may have changed
         self.trim()  # a removed node may have been the one holding the log
         self._wake_all()
 
@@ -410,11 +538,13 @@ class Engine(Failures):
         self._histogram(node).observe(seconds)
 
     def _histogram(self, node: Node) -> Histogram:
+        """The latency histogram of ``node``'s data centre and tier (kept on the node until a reload)."""
         dc = self.topology.datacenters[node.dc_index]
         key = (dc.name, dc.tiers[node.tier_index].name)
         hist = self.latency.get(key)
         if hist is None:
             hist = self.latency[key] = Histogram()
+        node.latency = hist
         return hist
 
     def backlog(self, name: str) -> int:

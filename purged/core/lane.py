@@ -11,6 +11,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from itertools import count as numbering
+from operator import add, and_, lt, ne
 from typing import TYPE_CHECKING
 
 from .cursor import NodeCursor
@@ -77,13 +80,111 @@ class Lane:
     def read(self, node: Node, li: int, limit: int, now: float, out: list, max_age: float) -> None:
         """Read this lane for ``node`` up to its read limit, appending ``(id, target)`` to send to ``out``
         (at most ``limit``): entries for other data centres are passed, superseded ones pinned on their
-        successor, stale ones (``max_age``) dropped, ones inside the node's dedup window deferred to its end."""
-        name, bit, dedup, stats = node.name, node.dc_bit, node.dedup, node.stats
+        successor, stale ones (``max_age``) dropped, ones inside the node's dedup window deferred to its end.
+
+        Without a dedup window a read goes by runs (:meth:`_read_run`), else entry by entry (:meth:`_read_each`):
+        the same result, the first with list operations."""
+        name = node.name
         cur = self.cursors[name]
+        cursor = start = cur.cursor
+        stop = self.read_limit(name, now)
+        if cursor >= stop:
+            return
+        if node.dedup is None:
+            while cursor < stop and len(out) < limit:
+                cursor = self._read_run(node, cur, li, cursor, min(stop, cursor + limit - len(out)), now, out,
+                                        max_age)
+        else:
+            cursor = self._read_each(node, cur, li, cursor, stop, limit, now, out, max_age)
+        cur.cursor = cursor
+        if cursor > start:
+            self.log.mark_read(cursor - 1)
+            self.moved(name, now)
+
+    def _read_run(
+        self, node: Node, cur: NodeCursor, li: int, cursor: int, end: int, now: float, out: list, max_age: float
+    ) -> int:
+        """Read the entries from ``cursor`` to ``end`` (no more than may be sent) for a node without a dedup
+        window; returns ``end``. The plain ones (meant for this node's data centre, each the latest for its
+        target, not past ``max_age``: usually all) are taken with list operations, a run at a time; only the
+        others are handled one by one, as :meth:`_read_each` would."""
+        log = self.log
+        bit = node.dc_bit
+        entries, off = log.slots()
+        targets, accepted, masks = zip(*entries[cursor + off : end + off])  # noqa: B905 (entries: 3-tuples)
+        n = end - cursor
+        mask = masks[0]
+        if masks.count(mask) == n and mask & bit:  # the usual case: all for this node's data centre
+            seqs: range | list[int] = range(cursor, end)
+        else:
+            wanted = list(map(and_, masks, repeat(bit)))
+            if not any(wanted):
+                return end
+            targets = tuple(compress(targets, wanted))
+            accepted = tuple(compress(accepted, wanted))
+            seqs = list(compress(range(cursor, end), wanted))
+            n = len(seqs)
+        cur.matched += n
+        # Every entry held is the latest for its target when the index has as many targets as the log entries.
+        if len(log.index) == log.head - log.base:
+            odd = []
+        else:
+            latest = list(map(log.index.__getitem__, targets))
+            odd = [] if latest == list(seqs) else list(compress(numbering(), map(ne, latest, seqs)))
+        if max_age and min(accepted) + max_age < now:
+            stale = compress(numbering(), map(lt, map(add, accepted, repeat(max_age)), repeat(now)))
+            odd = sorted(set(odd).union(stale))
+        if not odd:
+            if type(seqs) is range:  # the usual case, :meth:`_take` inline
+                cur.take_run(cursor, end)
+                idents = range(cursor << 1 | li, end << 1 | li, 2)
+                node.inflight.update(idents)
+                out.extend(zip(idents, targets, strict=True))
+            else:
+                self._take(node, cur, li, seqs, targets, out)
+            return end
+        stats = node.stats
+        index = log.index
+        prev = 0
+        for k in odd:
+            if k > prev:
+                self._take(node, cur, li, seqs[prev:k], targets[prev:k], out)
+            prev = k + 1
+            seq = seqs[k]
+            latest_seq = index[targets[k]]
+            if latest_seq != seq:
+                cur.pin(seq, latest_seq)  # a later entry for the same target will purge it
+            else:  # past max_age
+                cur.take(seq)
+                cur.finish(seq)
+                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
+                self.out.progress = True
+        if prev < n:
+            self._take(node, cur, li, seqs[prev:], targets[prev:], out)
+        return end
+
+    @staticmethod
+    def _take(node: Node, cur: NodeCursor, li: int, seqs: range | list[int], targets, out: list) -> None:
+        """Send ``targets`` (their entries' ``seqs``, ascending)."""
+        if type(seqs) is range:
+            first, stop = seqs.start, seqs.stop
+            cur.take_run(first, stop)
+            idents: range | list[int] = range(first << 1 | li, stop << 1 | li, 2)
+        else:
+            for seq in seqs:
+                cur.take(seq)
+            idents = [seq << 1 | li for seq in seqs]
+        node.inflight.update(idents)
+        out.extend(zip(idents, targets, strict=True))
+
+    def _read_each(
+        self, node: Node, cur: NodeCursor, li: int, cursor: int, stop: int, limit: int, now: float, out: list,
+        max_age: float,
+    ) -> int:
+        """The per-entry read (see :meth:`read`) from ``cursor`` to ``stop``; returns the new cursor."""
+        bit, dedup, stats = node.dc_bit, node.dedup, node.stats
         log = self.log
         index = log.index
-        stop = self.read_limit(name, now)
-        cursor = start = cur.cursor
         inflight = node.inflight
         entries, off = log.slots()
         take = cur.take
@@ -125,10 +226,7 @@ class Lane:
             take(seq)
             inflight.add(ident)
             out.append((ident, target))
-        cur.cursor = cursor
-        if cursor > start:
-            log.mark_read(cursor - 1)
-            self.moved(name, now)
+        return cursor
 
     def read_limit(self, node: str, now: float) -> int:
         di, ti = self.place[node]

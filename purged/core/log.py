@@ -8,6 +8,9 @@ head; :meth:`trim` drops what every node is done with.
 
 from __future__ import annotations
 
+from collections import deque
+from itertools import compress, repeat
+from operator import eq, itemgetter
 from typing import NamedTuple
 
 
@@ -17,6 +20,7 @@ class Entry(NamedTuple):
     dc_mask: int  # data centres whose nodes must get it
 
 
+_target = itemgetter(0)  # of an Entry
 _new_entry = tuple.__new__  # Entry(...) without the Python-level __new__ of a NamedTuple: ingest's hot loop
 
 
@@ -98,20 +102,23 @@ class PurgeLog:
 
     def trim(self, below: int) -> int:
         """Forget entries below ``below`` (every node is done with them); return how many were dropped."""
-        below = min(below, self.head)
-        dropped = 0
+        dropped = min(below, self.head) - self.base
+        if dropped <= 0:
+            return 0
         entries, index = self._entries, self.index
-        while self.base < below:
-            i = self._offset
-            entry = entries[i]
-            entries[i] = None
-            if entry is not None:
-                self.bytes -= len(entry.target)
-                if index.get(entry.target) == self.base:
-                    del index[entry.target]
-            self._offset += 1
-            self.base += 1
-            dropped += 1
+        i = self._offset
+        targets = list(map(_target, entries[i : i + dropped]))
+        entries[i : i + dropped] = repeat(None, dropped)
+        self.bytes -= sum(map(len, targets))
+        # A target leaves the index with its latest entry (a superseded one left the index's value alone).
+        # When the index has as many targets as the log entries, each entry is the latest for its target.
+        if len(index) == self.head - self.base:
+            deque(map(index.pop, targets), maxlen=0)
+        else:
+            latest = map(index.get, targets)  # lazily: a pop never changes a later target's latest seq
+            deque(map(index.pop, compress(targets, map(eq, latest, range(self.base, self.base + dropped)))), maxlen=0)
+        self._offset += dropped
+        self.base += dropped
         # Compact once the dead prefix dominates: amortised O(1) per entry, and list indexing stays O(1).
         if self._offset > 4096 and self._offset * 2 > len(entries):
             del entries[: self._offset]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .histogram import Histogram
 from .limits import DedupWindow, TokenBucket
 
 
@@ -68,3 +69,4 @@ class Node:
         self.bucket = bucket
         self.dedup = DedupWindow(window) if window > 0 else None
         self.stats = NodeStats()
+        self.latency: Histogram | None = None  # the engine's histogram of its data centre and tier, once known
