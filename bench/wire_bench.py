@@ -51,24 +51,37 @@ def instrument() -> None:
     """Count reads (parser feeds) and writes (encoded batches) without changing the code under test: the
     sender module's names for the parser and the encoder are wrapped for this process."""
     counts = Counts
-    encode = sender_mod.encode_purges
+    try:
+        from purged.net import pipeline as mod  # where the connection's loop lives since the wire rework
+    except ImportError:
+        mod = sender_mod
+    encode = mod.encode_purges
 
     def counting_encode(targets):
         counts.writes += 1
         return encode(targets)
 
-    sender_mod.encode_purges = counting_encode
+    mod.encode_purges = counting_encode
     for name in ("FastResponseParser", "ResponseParser"):
-        base = getattr(sender_mod, name)
+        base = getattr(mod, name)
+        if hasattr(base, "feed_statuses"):
 
-        class Counting(base):
-            __slots__ = ()
+            class Counting(base):
+                __slots__ = ()
 
-            def feed(self, data, _feed=base.feed):
-                counts.reads += 1
-                return _feed(self, data)
+                def feed_statuses(self, data, _feed=base.feed_statuses):
+                    counts.reads += 1
+                    return _feed(self, data)
+        else:
 
-        setattr(sender_mod, name, Counting)
+            class Counting(base):
+                __slots__ = ()
+
+                def feed(self, data, _feed=base.feed):
+                    counts.reads += 1
+                    return _feed(self, data)
+
+        setattr(mod, name, Counting)
 
 
 async def run_once(nodes: list[Varnish], urls: int, batch: int, cfg: Sender, timeout: float, tag: str) -> dict:
@@ -103,7 +116,8 @@ async def run_once(nodes: list[Varnish], urls: int, batch: int, cfg: Sender, tim
     total = urls * len(nodes)
     return {
         "rate": total / wall, "us": cpu / total * 1e6, "cores": cpu / wall, "sys": system / cpu,
-        "per_read": total / max(1, Counts.reads), "per_write": total / max(1, Counts.writes),
+        "per_read": total / Counts.reads if Counts.reads else float("nan"),
+        "per_write": total / Counts.writes if Counts.writes else float("nan"),
         "window": [s.node_window for s in senders],
     }
 

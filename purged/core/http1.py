@@ -140,7 +140,7 @@ class ResponseParser:
     stays broken. ``feed_eof()`` ends a read-until-close body.
     """
 
-    __slots__ = ("_buf", "_pos", "_scan", "_state", "_remaining", "_pending", "_error", "max_header_size")
+    __slots__ = ("_buf", "_pos", "_scan", "_state", "_remaining", "_pending", "_error", "max_header_size", "closed")
 
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
         self.max_header_size = max_header_size
@@ -151,6 +151,7 @@ class ResponseParser:
         self._remaining = 0  # body or chunk bytes still to skip
         self._pending: Response | None = None  # the response whose body is being read
         self._error: ProtocolError | None = None
+        self.closed = False  # set by feed_statuses: the last answer it returned ends the connection
 
     @property
     def idle(self) -> bool:
@@ -179,6 +180,12 @@ class ResponseParser:
             self._scan -= self._pos
             self._pos = 0
         return out
+
+    def feed_statuses(self, data: bytes) -> list[int]:
+        """:meth:`feed`, as the status codes; ``closed`` says whether the last of them ends the connection."""
+        responses = self.feed(data)
+        self.closed = bool(responses) and not responses[-1].keep_alive
+        return [response.status for response in responses]
 
     def feed_eof(self) -> list[Response]:
         """The peer closed its side. Returns the response a read-until-close body completes, if any."""
