@@ -44,7 +44,7 @@ def run(n_urls: int, batch: int, journal: bool, keepalive: bool, tag: str, spy_o
         conn = None
         spy = None
         if spy_out:
-            spy = subprocess.Popen([pyspy(), "record", "--pid", str(daemon.proc.pid), "--rate", "500", "--format",
+            spy = subprocess.Popen([pyspy(), "record", "--pid", str(daemon.proc.pid), "--rate", "1000", "--format",
                                     "raw", "--output", spy_out, "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # the daemon's start-up work is not ingest (and py-spy attaches)

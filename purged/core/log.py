@@ -132,16 +132,16 @@ class PurgeLog:
                 masks = list(map(mask_of.__getitem__, hosts))
                 new = dict(Counter(masks))
         before = len(index)
-        if index.keys().isdisjoint(targets):
-            index.update(zip(targets, range(head, head + n), strict=True))
-            if len(index) != before + n:  # a target twice in the batch: it merges; the loop does that
-                for target in targets:
-                    index.pop(target, None)
+        seqs = range(head, head + n)
+        held = list(map(index.setdefault, targets, seqs))  # one probe each: a target not held gets its seq
+        if len(index) != before + n:  # some target is held already, or twice in the batch
+            read_mark = self.read_mark
+            if len(set(targets)) != n or (read_mark < head and any(map(range(read_mark, head).__contains__, held))):
+                for target in targets:  # one merges: undo, and let the loop do it
+                    if index.get(target, -1) >= head:
+                        del index[target]
                 return None
-        elif max(map(index.get, targets, repeat(-1))) >= self.read_mark or len(set(targets)) != n:
-            return None  # a target still unread merges into its entry, or one is twice in the batch
-        else:  # every target held was read already: each gets a new entry all the same
-            index.update(zip(targets, range(head, head + n), strict=True))
+            index.update(zip(targets, seqs, strict=True))  # every one held was read: a new entry each
         if masks is None:
             rows = zip(targets, repeat(now), repeat(dc_mask))
         else:

@@ -102,12 +102,11 @@ def parse_url(url: str, *, max_length: int = DEFAULT_MAX_LENGTH, allow_bare_host
 
 
 # What _FAST_RE accepts, in parts: a host (at most 253 long), and the bytes of a whole URL (its scheme and path,
-# and so its host too), plus the newline that separates URLs in a joined batch.
+# and so its host too).
 _FAST_HOST_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
-_URL_BYTES = bytes(range(0x21, 0x7F)).replace(b"#", b"") + b"\n"
+_URL_BYTES = bytes(range(0x21, 0x7F)).replace(b"#", b"")
 _SCHEME_RE = re.compile(r"\n(?:https?:)?//")  # at the start of each line of a batch joined after a newline
 _PATH_RE = re.compile(r"/[^\n]*")  # what follows each host
-_SCHEMES = ("https://", "http://", "//")  # none is a prefix of another where a line starts
 
 
 def parse_urls_fast(urls: list, max_length: int, max_target: int) -> list[str] | None:
@@ -115,27 +114,28 @@ def parse_urls_fast(urls: list, max_length: int, max_target: int) -> list[str] |
     ``max_target`` long, else None (then each URL goes through :func:`parse_url`). The same answers, with the
     checks done once over the whole batch joined by newlines (C string operations; regexes only where they
     start with a literal, as an anchor such as ``^`` makes ``re`` try every position) and each distinct host
-    checked once. The common batch, one scheme and one host, is one ``split`` of the joined text."""
+    checked once. The common batch, one scheme and one host, is one ``count`` and one ``split``."""
     try:
         text = "\n" + "\n".join(urls)
     except TypeError:
         return None  # not all strings
     n = len(urls)
-    if not text.isascii() or text.count("\n") != n:
-        return None  # non-ASCII (IDN, to percent-encode), or a URL holding a newline
+    # Only bytes a URL of the fast form may hold, but for the n newlines that separate them.
+    if not text.isascii() or text.encode("ascii").translate(None, _URL_BYTES) != b"\n" * n:
+        return None  # non-ASCII (an IDN, to percent-encode), a space, a control character or a fragment
     longest = max(map(len, urls), default=0)
-    if longest > max_length or text.encode("ascii").translate(None, _URL_BYTES):
-        return None  # too long, or a space, a control character or a fragment somewhere
+    if longest > max_length:
+        return None
+    first = urls[0] if n else ""
+    scheme = next((s for s in ("https://", "http://", "//") if first.startswith(s)), None)
     targets = None
-    for scheme in _SCHEMES:
+    if scheme is not None:
         sep = "\n" + scheme
-        if text.count(sep) == n:  # every URL has this scheme
-            host = urls[0][len(scheme) :].partition("/")[0]
-            if text.count(sep + host + "/") == n:  # and this host, followed by a path
-                hosts: Iterable[str] = (host,)
-                targets = text.split(sep)
-                del targets[0]
-            break
+        host = first[len(scheme) :].partition("/")[0]
+        if text.count(sep + host + "/") == n:  # every URL has this scheme and this host, then a path
+            hosts: Iterable[str] = (host,)
+            targets = text.split(sep)
+            del targets[0]
     if targets is None:
         joined, cut = _SCHEME_RE.subn("\n", text)
         if cut != n:
