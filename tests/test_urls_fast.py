@@ -39,3 +39,36 @@ def test_common_batches_take_the_fast_path_and_limits_still_apply():
     assert parse_urls_fast(batch, 8192, 20) is None  # a PURGE over max_request_bytes: likewise
     assert parse_urls_fast(batch + [None], 8192, 16000) is None
     assert parse_urls_fast(batch + ["https://a.org/x\ny"], 8192, 16000) is None
+
+
+# Batches as they come: mostly one scheme and one host, a few others mixed in; hosts and paths near the edges
+# of the fast form (labels ending in "-" or ".", a host over 253, a bare host, a fragment, a space, a newline).
+one_host = st.sampled_from(["en.wikipedia.org", "a.b", "x-y.org", "x-.org", "-x.org", "a..b", "a.", ".a", "A.org",
+                            "a_b.org", "a.org:80", "[::1]", "", "a" * 63 + ".org", ".".join(["a" * 63] * 4) + "b",
+                            "\u00e9.org"])
+one_path = st.text("az09/?%=&~!\"$;#@ \t\n\x7f", max_size=6).map(lambda p: "/" + p) | st.just("")
+schemes = st.sampled_from(["https://", "http://", "//"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(schemes, one_host, st.lists(one_path, min_size=2, max_size=6), st.lists(urls, max_size=2),
+       st.integers(0, 6), st.sampled_from([(8192, 16000), (30, 16000), (8192, 12)]))
+def test_one_scheme_one_host_batches_answer_as_parse_url(scheme, host, paths, others, at, limits):
+    batch = [scheme + host + path for path in paths]
+    batch[at % len(batch) : at % len(batch)] = others
+    max_length, max_target = limits
+    fast = parse_urls_fast(batch, max_length, max_target)
+    if fast is None:
+        return
+    assert fast == [parse_url(u, max_length=max_length) for u in batch]
+    assert max(map(len, fast)) <= max_target
+
+
+def test_the_common_batch_takes_the_fast_path():
+    for scheme in ("https://", "http://", "//"):
+        batch = [f"{scheme}en.wikipedia.org/wiki/P{i}?action=raw" for i in range(50)]
+        assert parse_urls_fast(batch, 8192, 16000) == [parse_url(u) for u in batch]
+    mixed = ["https://a.org/1", "//b.org/2", "http://c.org", "https://a.org/3"]
+    assert parse_urls_fast(mixed, 8192, 16000) == ["a.org/1", "b.org/2", "c.org/", "a.org/3"]
+    assert parse_urls_fast(["https://a.org/1", "https://a.org/2#f"], 8192, 16000) is None
+    assert parse_urls_fast(["https://a.org/1", "https://" + "a" * 254 + "/"], 8192, 16000) is None
