@@ -3,9 +3,10 @@
 ``FastResponseParser`` has the contract of :class:`purged.core.http1.ResponseParser` (the same responses and
 errors, however the reads split) at about a third of its CPU on the common stream: HTTP/1.1 keep-alive answers
 framed by ``Content-Length``, as Varnish and ATS send them. llhttp (C, through ``httptools``, the bindings
-uvicorn uses) frames those with one Python callback per answer (``on_message_complete``: status, keep-alive,
-version) instead of two regexes and a dozen bytes operations; its other callbacks are C methods (counters of
-answers begun and heads complete, a list the reason phrases go to, checked once per read), and
+uvicorn uses) frames those with one Python step per answer (``on_message_complete``, a generator resumed:
+status, keep-alive, version) instead of two regexes and a dozen bytes operations; its other callbacks are C
+methods (counters of answers begun and heads complete, a list the reason phrases go to, checked once per
+read), and
 :meth:`FastResponseParser.feed_statuses` hands the sender plain ints.
 
 llhttp is not the authority, the hand parser is. llhttp differs from it on rare inputs (it refuses a repeated
@@ -29,6 +30,7 @@ first chunk rather than at the head.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from itertools import count
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -58,7 +60,7 @@ class FastResponseParser:
     """
 
     __slots__ = ("max_header_size", "needs_hand_parser", "closed", "on_message_begin", "on_status",
-                 "on_headers_complete", "_heads", "_ll",
+                 "on_headers_complete", "on_message_complete", "_heads", "_ll",
                  "_slow", "_kept", "_since", "_statuses", "_add", "_reasons", "_begins", "_peeks", "_ended",
                  "_mark", "_tail", "_status_code", "_keep_alive", "_version", "_slow_out")
 
@@ -75,6 +77,10 @@ class FastResponseParser:
         self.on_headers_complete = self._heads.__next__
         self._reasons: list[bytes] = []
         self.on_status = self._reasons.append
+        # The fourth, per completed answer, resumes a generator: cheaper than calling a function (no new frame).
+        completions = self._completions()
+        next(completions)
+        self.on_message_complete = completions.__next__
         self._ll = HttpResponseParser(self)
         # BWS before a chunk extension's ";" (RFC 9112 §7.1.1), which the hand parser accepts too.
         self._ll.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
@@ -117,14 +123,18 @@ class FastResponseParser:
                 raise _Diverted
         return True
 
-    # llhttp callbacks (besides the two C ones): the only Python code run per response on the fast path.
-
-    def on_message_complete(self) -> None:
-        status = self._status_code()
-        if status >= 200 and self._keep_alive() and self._version() == "1.1":
-            self._add(status)
-        else:
-            self._interim(status)
+    def _completions(self) -> Iterator[None]:
+        """``on_message_complete``: the only Python code run per response on the fast path (after a _Diverted
+        it raised, the generator is done, and so is llhttp for this connection)."""
+        yield
+        status_code, keep_alive, version = self._status_code, self._keep_alive, self._version
+        while True:
+            status = status_code()
+            if status >= 200 and keep_alive() and version() == "1.1":
+                self._add(status)
+            else:
+                self._interim(status)
+            yield
 
     def _interim(self, status: int) -> None:
         if status < 100 or status == 101 or status >= 200 or not self._keep_alive() or self._version() != "1.1":
