@@ -184,3 +184,13 @@ def test_any_msgpack_value_decodes_or_raises_our_errors(value):
 def test_any_bytes_decode_or_raise_our_errors(body, content_type):
     decoded_urls(lambda: decode_purge_body(content_type, body, 1000))
     decoded_urls(lambda: decode_resource_changes(body, 1000))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["http://h/a", "//x/y", "", " ", "\t", "\x1f", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e",
+                                 "\r", "\x85", "\u2028", "\xa0", "\u3000", "h t", "é"]), max_size=12),
+       st.lists(st.sampled_from(["\n", "\r\n", "\r", "\x0b", "\x1e", "\u2029"]), min_size=1, max_size=3))
+def test_text_bodies_are_lines_stripped_whatever_the_whitespace(parts, breaks):
+    text = "".join(p + breaks[i % len(breaks)] for i, p in enumerate(parts))
+    decoded = decode_purge_body("text/plain", text.encode(), 1000)
+    assert decoded.urls == [line.strip() for line in text.splitlines() if line.strip()]

@@ -65,8 +65,9 @@ class Lane:
         return seq, merged
 
     def extend(self, targets: list[str], now: float, dc_mask, journal: list | None) -> tuple[int, int]:
-        """:meth:`append` each target (routed by ``dc_mask(host)``); returns the highest seq it got and how
-        many merged. New entries are also added to ``journal`` as ``(seq, target, now)`` if given."""
+        """:meth:`append` each target (routed by ``dc_mask(host)``, or ``dc_mask`` itself if an int); returns
+        the highest seq it got and how many merged. New entries are also added to ``journal`` as
+        ``(seq, target, now)`` if given."""
         hi, merged, new = self.log.extend(targets, now, dc_mask, journal)
         appended = self.dc_appended
         for mask, count in new.items():

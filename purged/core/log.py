@@ -8,7 +8,9 @@ head; :meth:`trim` drops what every node is done with.
 
 from __future__ import annotations
 
-from collections import deque
+import gc
+import re
+from collections import Counter, deque
 from itertools import compress, repeat
 from operator import eq, itemgetter
 from typing import NamedTuple
@@ -22,6 +24,11 @@ class Entry(NamedTuple):
 
 _target = itemgetter(0)  # of an Entry
 _new_entry = tuple.__new__  # Entry(...) without the Python-level __new__ of a NamedTuple: ingest's hot loop
+_HOST_RE = re.compile(r"\n([^/\n]*)/")  # each target's host, in targets joined after newlines
+
+
+def _constant(mask: int):
+    return lambda host: mask
 
 
 class PurgeLog:
@@ -60,9 +67,16 @@ class PurgeLog:
         return seq, False
 
     def extend(self, targets: list[str], now: float, dc_mask, journal: list | None) -> tuple[int, int, dict]:
-        """:meth:`append` for a batch, ``dc_mask(host)`` giving each new entry's mask. Returns the highest seq
-        the batch got (-1 if empty), how many merged, and how many new entries each mask got. New entries are
-        added to ``journal`` as ``(seq, target, now)`` when given."""
+        """:meth:`append` for a batch, ``dc_mask(host)`` giving each new entry's mask (or ``dc_mask`` an int:
+        every entry's mask, the routing not depending on the host). Returns the highest seq the batch got (-1
+        if empty), how many merged, and how many new entries each mask got. New entries are added to
+        ``journal`` as ``(seq, target, now)`` when given."""
+        if len(targets) > 1:
+            done = self._extend_unmerged(targets, now, dc_mask, journal)
+            if done is not None:
+                return done
+        if dc_mask.__class__ is int:
+            dc_mask = _constant(dc_mask)
         index, read_mark = self.index, self.read_mark
         get = index.get
         entries_append = self._entries.append
@@ -94,6 +108,62 @@ class PurgeLog:
         self.head = head
         self.bytes += nbytes
         return hi, merged, new
+
+    def _extend_unmerged(self, targets: list[str], now: float, dc_mask, journal: list | None
+                         ) -> tuple[int, int, dict] | None:
+        """:meth:`extend`'s common case in bulk (C-level list and dict operations, nothing per target in
+        Python): no target twice in the batch and none with an unread entry, so every target is a new entry.
+        None (nothing changed) otherwise, or if a target's host cannot be cut as the loop cuts it."""
+        index = self.index
+        n = len(targets)
+        head = self.head
+        if dc_mask.__class__ is int:
+            masks = None
+            new = {dc_mask: n}
+        else:
+            joined = "\n" + "\n".join(targets)
+            hosts = _HOST_RE.findall(joined)  # the loop's target[:target.find("/")], if every target has a "/"
+            if len(hosts) != n or joined.count("\n") != n:
+                return None
+            mask_of = {host: dc_mask(host) for host in dict.fromkeys(hosts)}
+            if len(set(mask_of.values())) == 1:
+                dc_mask = next(iter(mask_of.values()))
+                masks = None
+                new = {dc_mask: n}
+            else:
+                masks = list(map(mask_of.__getitem__, hosts))
+                new = dict(Counter(masks))
+        before = len(index)
+        seqs = range(head, head + n)
+        held = list(map(index.setdefault, targets, seqs))  # one probe each: a target not held gets its seq
+        if len(index) != before + n:  # some target is held already, or twice in the batch
+            read_mark = self.read_mark
+            if len(set(targets)) != n or (read_mark < head and any(map(range(read_mark, head).__contains__, held))):
+                for target in targets:  # one merges: undo, and let the loop do it
+                    if index.get(target, -1) >= head:
+                        del index[target]
+                return None
+            index.update(zip(targets, seqs, strict=True))  # every one held was read: a new entry each
+        if masks is None:
+            rows = zip(targets, repeat(now), repeat(dc_mask))
+        else:
+            rows = zip(targets, repeat(now), masks)
+        # An Entry is a tuple subclass, which the cyclic GC never untracks: a batch's entries would trigger a
+        # young collection every 700 and, promoted, the full collections that traverse every held entry.
+        # Paused, the batch costs one young collection (at the next allocation) and adds to the count once.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            self._entries += map(_new_entry, repeat(Entry), rows)
+        finally:
+            if paused:
+                gc.enable()
+        if journal is not None:
+            journal.extend(zip(range(head, head + n), targets, repeat(now)))
+        self.head = head + n
+        self.bytes += sum(map(len, targets))
+        return head + n - 1, 0, new
 
     def mark_read(self, seq: int) -> None:
         """A node read ``seq``: from now on a new purge of that target needs a new entry."""

@@ -7,58 +7,27 @@ shares the next write and ``fsync``. :meth:`Journal.commit` is what the HTTP API
 waits for depends on ``durability``: ``fsync`` (on disk), ``batch`` (written to the OS; fsync every
 ``sync_interval``) or ``none`` (nothing). File I/O runs in worker threads. A write error (disk full...) makes
 :meth:`Journal.check` refuse new batches with a 503 until a retry succeeds; what the engine holds is still
-delivered. Start-up (:meth:`Journal.open`: lock, replay, snapshot) is :mod:`purged.net.journal_replay`.
+delivered. Its files and start-up (lock, replay, snapshot) are the base class, :mod:`purged.net.journal_files`.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from ..core.engine import Engine
-from ..core.errors import PurgedError
-from ..core.journal_format import MAGIC, encode_appended, encode_checkpoint
-from .journal_replay import SUFFIX, JournalSetupError, open_journal
+from ..core.journal_format import encode_appended, encode_checkpoint
+from .journal_files import JournalError, JournalFiles, JournalSetupError, JournalStats
 
 __all__ = ["Journal", "JournalError", "JournalSetupError", "JournalStats"]
 
 log = logging.getLogger("purged.journal")
 
-RETRY_AFTER = 1.0  # seconds between attempts to write again after an error
 
-
-class JournalError(PurgedError):
-    """The journal cannot take new purges (``disk_full`` or ``journal_error``): answered with a 503."""
-
-    reason = "journal_error"
-    status = 503
-    headers = [("Retry-After", "5")]
-
-
-@dataclass
-class JournalStats:
-    bytes_written: int = 0
-    entries_written: int = 0
-    writes: int = 0
-    fsyncs: int = 0
-    sync_seconds: float = 0.0
-    checkpoints: int = 0
-    write_errors: dict[str, int] = field(default_factory=dict)
-    truncated: dict[str, int] = field(default_factory=dict)  # replay: torn/corrupt tails by reason
-    truncated_bytes: int = 0
-    replayed: int = 0  # entries restored at start
-    lost: int = 0  # entries some node needed that a corrupt segment no longer held
-    replay_seconds: float = 0.0
-    segments_deleted: int = 0
-
-
-class Journal:
+class Journal(JournalFiles):
     def __init__(
         self,
         directory: str | os.PathLike[str],
@@ -68,32 +37,15 @@ class Journal:
         sync_interval: float = 0.1,
         checkpoint_interval: float = 1.0,
     ):
-        if durability not in ("fsync", "batch", "none"):
-            raise ValueError(f"durability: expected fsync, batch or none, got {durability!r}")
-        self.dir = Path(directory)
-        self.durability = durability
+        super().__init__(directory, durability)
         self.segment_bytes = segment_bytes
         self.sync_interval = sync_interval
         self.checkpoint_interval = checkpoint_interval
-        self.stats = JournalStats()
-        self.error: JournalError | None = None
-        self._engine: Engine | None = None
-        self._wall_offset = 0.0  # wall time - engine time
-        self._segments: dict[int, dict[int, int]] = {}  # segment -> lane -> highest seq in it
-        self._active = 0
-        self._fd: int | None = None
-        self._size = 0
-        self._lock_fd: int | None = None
         self._pending: list[bytes] = []  # encoded but not yet written (a failed write is retried)
         self._pending_top: dict[int, int] = {}
         self._pending_entries = 0
-        self._written_head: list[int] = []  # per lane: one past the highest seq written
-        self._unsynced = False
-        self._roll_needed = False
-        self._last_positions: list[dict[str, int]] | None = None
         self._checkpoint_at = 0.0
         self._sync_at = 0.0
-        self._retry_at = 0.0
         self._started = 0  # flushes begun
         self._done = 0  # flushes finished, failed or not
         self._durable = 0  # everything taken by this flush number is written (and synced, with fsync)
@@ -101,94 +53,6 @@ class Journal:
         self._flushed = trio.Event()
         self._lock = trio.Lock()
         self._closed = False
-
-    def open(self, engine: Engine) -> None:
-        """Lock the directory, replay it into ``engine`` (before any submit) and start a new segment."""
-        open_journal(self, engine)
-
-    # -- blocking file operations (called in worker threads once running) ----------------------------------
-
-    def _path(self, number: int) -> Path:
-        return self.dir / f"{number:016d}{SUFFIX}"
-
-    @staticmethod
-    def _write_all(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    def _sync_dir(self) -> None:
-        if self.durability == "none":
-            return
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _create_segment(self, number: int) -> None:
-        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            self._write_all(fd, MAGIC)
-        except OSError:
-            os.close(fd)
-            os.unlink(self._path(number))
-            raise
-        old, self._fd, self._size, self._active = self._fd, fd, len(MAGIC), number
-        self._segments[number] = {}
-        self._sync_dir()
-        if old is not None:
-            try:
-                if self.durability != "none":
-                    os.fdatasync(old)
-            finally:
-                os.close(old)
-
-    def _write_blocking(self, data: bytes, sync: bool) -> None:
-        assert self._fd is not None
-        if data:
-            try:
-                self._write_all(self._fd, data)
-            except OSError:
-                try:  # cut the partial record so that the next write follows a whole one
-                    os.ftruncate(self._fd, self._size)
-                except OSError:
-                    self._roll_needed = True
-                raise
-            self._size += len(data)
-            self._unsynced = True
-            self.stats.bytes_written += len(data)
-            self.stats.writes += 1
-        if sync and self._unsynced:
-            t0 = time.perf_counter()
-            try:
-                os.fdatasync(self._fd)
-            except OSError:
-                self._roll_needed = True  # after a failed fsync the page cache may not hold the data: rewrite
-                raise
-            self.stats.sync_seconds += time.perf_counter() - t0
-            self.stats.fsyncs += 1
-            self._unsynced = False
-
-    def _unlink(self, number: int) -> None:
-        try:
-            self._path(number).unlink()
-            self.stats.segments_deleted += 1
-        except FileNotFoundError:
-            pass
-
-    def _delete_below(self, positions: list[dict[str, int]]) -> None:
-        """Delete segments whose entries every node has (per the checkpoint just written)."""
-        lows = [min(p.values()) if p else 1 << 62 for p in positions]
-        doomed = [
-            n for n, top in self._segments.items()
-            if n != self._active and all(seq < lows[lane] for lane, seq in top.items() if lane < len(lows))
-        ]
-        for number in doomed:
-            del self._segments[number]
-            self._unlink(number)
-        if doomed:
-            self._sync_dir()
 
     # -- running ----------------------------------------------------------------------------------------------
 
@@ -325,15 +189,6 @@ class Journal:
         except OSError:
             return
 
-    def _failed(self, exc: OSError, now: float) -> None:
-        reason = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "journal_error"
-        self.stats.write_errors[reason] = self.stats.write_errors.get(reason, 0) + 1
-        if self.error is None or self.error.reason != reason:
-            log.error("journal: write to %s failed (%s): refusing new batches with 503 until it works again",
-                      self.dir, exc)
-        self.error = JournalError(f"cannot write the journal in {self.dir}: {exc.strerror or exc}", reason=reason)
-        self._retry_at = now + RETRY_AFTER
-
     async def close(self) -> None:
         """Final flush and checkpoint (shielded, bounded); what is left is replayed at the next start."""
         with trio.CancelScope(shield=True), trio.move_on_after(30):
@@ -351,7 +206,3 @@ class Journal:
             if fd is not None:
                 os.close(fd)
         self._fd = self._lock_fd = None
-
-    @property
-    def segment_count(self) -> int:
-        return len(self._segments)
