@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from purged.core.admission import validate_urls
+from purged.core.admission import URLRules, Validated, _one_by_one, validate_urls
 from purged.core.errors import InvalidURL
+from purged.core.http1 import PURGE_OVERHEAD
 from purged.core.urls import parse_url, parse_urls_fast
 
 prefixes = st.sampled_from(["https://", "http://", "//", "HTTP://", "ftp://", "", "https:/"])
@@ -72,3 +73,38 @@ def test_the_common_batch_takes_the_fast_path():
     assert parse_urls_fast(mixed, 8192, 16000) == ["a.org/1", "b.org/2", "c.org/", "a.org/3"]
     assert parse_urls_fast(["https://a.org/1", "https://a.org/2#f"], 8192, 16000) is None
     assert parse_urls_fast(["https://a.org/1", "https://" + "a" * 254 + "/"], 8192, 16000) is None
+
+
+def _url_by_url(batch, rules):
+    expected = Validated()
+    _one_by_one(batch, 0, rules, expected)
+    return expected
+
+
+# Near misses of the batch's own URLs: its hosts without a path, with a port, a dot or a label more.
+near = st.builds(lambda s, k, tail: f"{s}h{k}.example.org{tail}", schemes, st.integers(0, 3),
+                 st.sampled_from(["", "/", ":80/p", "./p", ".x/p", "x/p", "?q", "#f", "/a b"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 700), st.lists(st.tuples(st.integers(0, 10**6), urls | near | st.none()), max_size=4),
+       st.integers(1, 10), schemes, st.sampled_from([URLRules(), URLRules(max_request_bytes=PURGE_OVERHEAD + 40),
+                                                      URLRules(allow_bare_host=True)]))
+def test_large_batches_with_a_few_odd_urls_validate_as_url_by_url(size, odd, n_hosts, scheme, rules):
+    """Hosts alternate (a site's desktop and mobile hosts), some URLs are odd or bad: the batch, its chunks and
+    each URL alone must give the same targets and the same rejections (index, reason, detail)."""
+    batch = [f"{scheme}h{i % n_hosts}.example.org/wiki/P{i}?action=raw" for i in range(size)]
+    for at, url in odd:
+        batch[at % size] = url
+    got = validate_urls(batch, rules)
+    want = _url_by_url(batch, rules)
+    assert (got.targets, got.rejected) == (want.targets, want.rejected)
+
+
+def test_one_bad_url_in_a_large_batch_is_rejected_alone():
+    batch = [f"https://h{i % 3}.org/p{i}" for i in range(1000)]
+    batch[700] = "https://h1.org/a b"
+    checked = validate_urls(batch)
+    assert checked.targets == [u[8:] for i, u in enumerate(batch) if i != 700]
+    assert [(r["index"], r["reason"]) for r in checked.rejected] == [(700, "control_char")]
+    assert parse_urls_fast(batch[:2] + [f"https://h{i}.org/" for i in range(20)], 8192, 16000) is not None

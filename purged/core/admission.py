@@ -57,16 +57,36 @@ class Validated:
         return counts
 
 
+_CHUNK = 256  # a batch the fast path declines is retried in chunks this long: one bad URL costs only its chunk
+
+
 def validate_urls(urls: list[Any], rules: URLRules = URLRules()) -> Validated:
     """Validate each URL into a purge target; bad ones are rejected by index and never affect the good ones."""
     out = Validated()
-    max_length, room, bare = rules.max_length, rules.max_request_bytes - PURGE_OVERHEAD, rules.allow_bare_host
-    fast = parse_urls_fast(urls, max_length, room) if len(urls) > 1 else None
+    max_length, room = rules.max_length, rules.max_request_bytes - PURGE_OVERHEAD
+    n = len(urls)
+    fast = parse_urls_fast(urls, max_length, room) if n > 1 else None
     if fast is not None:  # every URL in the common form: the batch checked at once
         out.targets = fast
         return out
+    if n <= _CHUNK:
+        _one_by_one(urls, 0, rules, out)
+        return out
+    for start in range(0, n, _CHUNK):
+        chunk = urls[start : start + _CHUNK]
+        fast = parse_urls_fast(chunk, max_length, room) if len(chunk) > 1 else None
+        if fast is not None:
+            out.targets += fast
+        else:
+            _one_by_one(chunk, start, rules, out)
+    return out
+
+
+def _one_by_one(urls: list[Any], start: int, rules: URLRules, out: Validated) -> None:
+    """:func:`validate_urls` URL by URL (``urls[0]`` is at index ``start`` of the request)."""
+    max_length, room, bare = rules.max_length, rules.max_request_bytes - PURGE_OVERHEAD, rules.allow_bare_host
     targets, rejected = out.targets, out.rejected
-    for i, url in enumerate(urls):
+    for i, url in enumerate(urls, start):
         try:
             target = parse_url(url, max_length=max_length, allow_bare_host=bare)
         except InvalidURL as exc:
@@ -80,7 +100,6 @@ def validate_urls(urls: list[Any], rules: URLRules = URLRules()) -> Validated:
             })
             continue
         targets.append(target)
-    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,9 +131,9 @@ def parse_urls_fast(urls: list, max_length: int, max_target: int) -> list[str] |
     targets = None
     if scheme is not None:
         sep = "\n" + scheme
-        host = first[len(scheme) :].partition("/")[0]
-        if text.count(sep + host + "/") == n:  # every URL has this scheme and this host, then a path
-            hosts: Iterable[str] = (host,)
+        found = _few_hosts(text, sep, first[len(scheme) :].partition("/")[0], n)
+        if found is not None:  # every URL has this scheme and one of these hosts, then a path
+            hosts: Iterable[str] = found
             targets = text.split(sep)
             del targets[0]
     if targets is None:
@@ -152,6 +152,28 @@ def parse_urls_fast(urls: list, max_length: int, max_target: int) -> list[str] |
     if longest > max_target and max(map(len, targets)) > max_target:
         return None
     return targets
+
+
+_FEW_HOSTS = 8  # a batch of more distinct hosts is cut with regexes instead
+
+
+def _few_hosts(text: str, sep: str, host: str, n: int) -> list[str] | None:
+    """The hosts of the ``n`` URLs joined in ``text``, each line ``sep + host + "/" + ...``, found one
+    ``str.count`` per host (a batch often holds a site's desktop and mobile hosts); None if a line is not of
+    that form or there are more than ``_FEW_HOSTS`` hosts."""
+    hosts = [host]
+    seen = text.count(sep + host + "/")
+    while seen != n:
+        if len(hosts) == _FEW_HOSTS:
+            return None
+        # The first line with another host (re caches the pattern: batches repeat their hosts).
+        other = "(?!(?:" + "|".join(map(re.escape, hosts)) + ")/)"
+        m = re.compile(re.escape(sep) + other + "([^/\n]*)/").search(text)
+        if m is None:
+            return None  # a line without a path
+        hosts.append(m.group(1))
+        seen += text.count(sep + m.group(1) + "/")
+    return hosts
 
 
 def _parse_url(url: str, max_length: int, allow_bare_host: bool) -> str:
