@@ -4,7 +4,7 @@ Where ``sender_bench.py`` measures purged whole (and so whatever share of a busy
 times each step alone with ``time.process_time`` (CPU of this process only), best of ``--repeats``, so two
 commits can be compared step by step on a noisy machine. Run it on each tree
 (``PURGED_BENCH_SRC=DIR`` or ``PYTHONPATH=DIR``); it uses the newer APIs when the tree has them
-(``FastResponseParser``, ``Engine.ack_many``, ``encode_purges``) and the older ones otherwise:
+(``FastResponseParser.feed_statuses``, ``Engine.ack_many``, ``encode_purges``) and the older ones otherwise:
 
 * **parse**: Varnish's answer to a PURGE (the golden bytes of ``tests/data``, its XID varied) x 1,024, fed in
   reads of ``--per-read`` answers.
@@ -59,9 +59,10 @@ def bench_parse(per_read: int, repeats: int) -> float:
 
     def run():
         parser = Parser()
+        feed = getattr(parser, "feed_statuses", parser.feed)  # the sender's call where the tree has it
         for _ in range(20):
             for data in reads:
-                parser.feed(data)
+                feed(data)
 
     return best(run, repeats) / (20 * n) * 1e6
 

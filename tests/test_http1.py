@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 
 from purged.core import http1
 from purged.core.errors import InvalidURL, PurgedError
-from purged.core.http1 import DEFAULT_MAX_HEADER_SIZE, ProtocolError, Response, ResponseParser, encode_purge
+from purged.core.http1 import (
+    DEFAULT_MAX_HEADER_SIZE,
+    ProtocolError,
+    Response,
+    ResponseParser,
+    encode_purge,
+    encode_purges,
+)
 from purged.core.http1_fast import FastResponseParser
 
 DATA = Path(__file__).parent / "data"
@@ -91,6 +98,55 @@ def test_encode_purge_refuses_cr_lf(host, path):
 def test_encode_purge_refuses_non_ascii():
     with pytest.raises(InvalidURL):
         encode_purge("example.org", "/café")
+
+
+# --- encode_purges: a window's requests in one go, byte for byte encode_purge's ----------------------------
+
+_HOSTS = st.sampled_from(["en.wikipedia.org", "en.m.wikipedia.org", "a", "", "en.wikipedia.org.", "x/"])
+_PATHS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12).map(lambda p: "/" + p)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(_HOSTS, _PATHS), max_size=12))
+def test_encode_purges_is_encode_purge_joined(pairs):
+    # One shared host (the replace path) and mixed hosts (the per-target split) give the same bytes.
+    targets = [host + path for host, path in pairs]
+    expected = b"".join(encode_purge(*split_target(t)) for t in targets)
+    assert encode_purges(targets) == expected
+    assert encode_purges(tuple(targets)) == expected
+
+
+def split_target(target: str) -> tuple[str, str]:
+    host, _, path = target.partition("/")
+    return host, "/" + path
+
+
+def test_encode_purges_one_host_and_mixed_hosts():
+    same = ["en.wikipedia.org/wiki/A", "en.wikipedia.org/wiki/B?x=1", "en.wikipedia.org/"]
+    assert encode_purges(same) == b"".join(encode_purge(*split_target(t)) for t in same)
+    # A host that is a prefix of the next one's must not be taken for it.
+    mixed = ["en.wikipedia.org/a", "en.wikipedia.org.x/b", "en.m.wikipedia.org/c", "en.wikipedia.org/d"]
+    assert encode_purges(mixed) == b"".join(encode_purge(*split_target(t)) for t in mixed)
+    assert encode_purges([]) == b""
+
+
+@pytest.mark.parametrize(
+    ("targets", "reason"),
+    [
+        (["a/x\r\nX: y"], "control_char"),
+        (["a/x", "a/y\nGET / HTTP/1.1"], "control_char"),
+        (["a/x", "b/y\n"], "control_char"),
+        (["a\n/x"], "control_char"),
+        (["a/café"], "not_ascii"),
+        (["b/x", "a/café"], "not_ascii"),
+        (["a/x", "b"], "bad_url"),
+        (["a"], "bad_url"),
+    ],
+)
+def test_encode_purges_refuses_what_encode_purge_refuses(targets, reason):
+    with pytest.raises(InvalidURL) as info:
+        encode_purges(targets)
+    assert info.value.reason == reason
 
 
 # --- golden Varnish 7.1 answers --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_http1_h11 import broken_response, cuts, response, split, streams
 
-from purged.core.http1 import ProtocolError, ResponseParser
+from purged.core.http1 import ProtocolError, Response, ResponseParser
 from purged.core.http1_fast import FastResponseParser
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -33,8 +33,28 @@ def outcome(cls, chunks: list[bytes], eof: bool) -> tuple:
     return responses, "eof" if eof else "open", parser.idle
 
 
+def statuses_outcome(chunks: list[bytes], eof: bool) -> tuple:
+    """``outcome`` through ``feed_statuses``, the sender's call: (status, keep-alive) rebuilt from ``closed``."""
+    parser = FastResponseParser()
+    responses = []
+    try:
+        for chunk in chunks:
+            statuses = parser.feed_statuses(chunk)
+            closes = [False] * len(statuses)
+            if statuses and parser.closed:
+                closes[-1] = True
+            responses += [Response(status, not close) for status, close in zip(statuses, closes, strict=True)]
+        if eof:
+            responses += parser.feed_eof()
+    except ProtocolError as exc:
+        return responses, "error", exc.reason
+    return responses, "eof" if eof else "open", parser.idle
+
+
 def agree(chunks: list[bytes], eof: bool) -> None:
-    assert outcome(FastResponseParser, chunks, eof) == outcome(ResponseParser, chunks, eof)
+    hand = outcome(ResponseParser, chunks, eof)
+    assert outcome(FastResponseParser, chunks, eof) == hand
+    assert statuses_outcome(chunks, eof) == hand
 
 
 @SETTINGS
@@ -74,6 +94,32 @@ def test_a_varnish_pipeline_stays_on_the_fast_path():
     for i in range(0, len(data), 977):  # reads that end inside responses
         out += parser.feed(data[i : i + 977])
     assert len(out) == 300 and parser.idle and parser._slow is None
+    parser = FastResponseParser()
+    statuses = []
+    for i in range(0, len(data), 977):
+        statuses += parser.feed_statuses(data[i : i + 977])
+    assert statuses == [200] * 300 and parser.idle and parser._slow is None and not parser.closed
+
+
+def test_feed_statuses_reports_the_closing_answer_after_a_hand_over():
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    close = b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    parser = FastResponseParser()
+    assert parser.feed_statuses(one * 2) == [200, 200] and not parser.closed
+    assert parser.feed_statuses(one + close) == [200, 503] and parser.closed  # the hand parser frames the close
+    assert parser.feed_statuses(one) == []  # nothing follows a closing answer
+
+
+def test_control_characters_in_a_reason_phrase_go_to_the_hand_parser():
+    good = b"HTTP/1.1 200 Fine Reason\r\nContent-Length: 0\r\n\r\n"
+    bad = b"HTTP/1.1 200 Bad\x01Reason\r\nContent-Length: 0\r\n\r\n"
+    parser = FastResponseParser()
+    assert parser.feed_statuses(good * 2) == [200, 200]  # learnt as clean: later reads check it in one set op
+    assert parser.feed_statuses(good) == [200] and parser._slow is None
+    assert parser.feed_statuses(good + bad) == [200]  # the answer before the bad one, then the error
+    with pytest.raises(ProtocolError) as info:
+        parser.feed_statuses(good)
+    assert info.value.reason == "bad_status_line"
 
 
 def test_past_the_replay_bound_an_llhttp_error_is_final_and_asks_for_the_hand_parser(monkeypatch):

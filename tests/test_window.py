@@ -6,6 +6,7 @@ A simulated node: with ``limit`` in flight over a path of ``rtt`` seconds to an 
 
 from __future__ import annotations
 
+from purged.config import Sender
 from purged.core.window import WindowControl
 
 
@@ -84,3 +85,17 @@ def test_latency_inflation_shrinks_toward_the_start():
     # The edge slows down: 20k/s now, so 8,000 in flight queue 400 ms at it (RTT 5x the base).
     drive(ctl, rtt=0.080, capacity=20_000, seconds=5.0, now=now)
     assert ctl.limit < 8000 and ctl.shrunk >= 1
+
+
+def test_the_default_cap_reaches_past_30k_per_second_at_80_ms_and_is_not_taken_where_it_does_not_pay():
+    cfg = Sender()  # the shipped defaults: 256 x 4 at first, up to 2,048 x 4
+    start, cap = cfg.window * cfg.connections, cfg.max_window * cfg.connections
+    far = WindowControl(start, cap, now=0.0)
+    drive(far, rtt=0.080, capacity=100_000, seconds=10.0)
+    assert far.limit == cap and cap / 0.080 >= 100_000  # 1,024 x 4 would stop at 51k/s
+    near = WindowControl(start, cap, now=0.0)
+    drive(near, rtt=0.0005, capacity=60_000, seconds=10.0)
+    assert near.limit <= 2 * start  # loopback: at most a probe above the start
+    limited = WindowControl(start, cap, now=0.0)
+    drive(limited, rtt=0.080, capacity=60_000, seconds=10.0, work=1000)
+    assert limited.limit == start and limited.grown == 0

@@ -3,8 +3,10 @@
 ``FastResponseParser`` has the contract of :class:`purged.core.http1.ResponseParser` (the same responses and
 errors, however the reads split) at about a third of its CPU on the common stream: HTTP/1.1 keep-alive answers
 framed by ``Content-Length``, as Varnish and ATS send them. llhttp (C, through ``httptools``, the bindings
-uvicorn uses) frames those with four small Python callbacks per answer instead of two regexes and a dozen
-bytes operations.
+uvicorn uses) frames those with one Python callback per answer (``on_message_complete``: status, keep-alive,
+version) instead of two regexes and a dozen bytes operations; its other callbacks are C methods (counters of
+answers begun and heads complete, a list the reason phrases go to, checked once per read), and
+:meth:`FastResponseParser.feed_statuses` hands the sender plain ints.
 
 llhttp is not the authority, the hand parser is. llhttp differs from it on rare inputs (it refuses a repeated
 ``Content-Length`` even with the same value, ``HTTP/1.2``, chunk extensions that are not tokens; it cannot be
@@ -27,6 +29,7 @@ first chunk rather than at the head.
 from __future__ import annotations
 
 import re
+from itertools import count
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -35,6 +38,8 @@ from .http1 import _RESPONSES, DEFAULT_MAX_HEADER_SIZE, ProtocolError, Response,
 __all__ = ["FastResponseParser"]
 
 _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+_GOOD_REASONS: set[bytes] = set()  # reason phrases seen clean, so a read's are checked with one issuperset
+_GOOD_REASONS_MAX = 256
 _RETAIN_MAX = 4 << 20  # bytes kept for a replay; past it, none until a read ends between responses again
 
 
@@ -48,110 +53,173 @@ class FastResponseParser:
     ``needs_hand_parser`` becomes True when llhttp refused a stream it could not replay through the hand
     parser (no read ended between responses for ``_RETAIN_MAX`` bytes): the error raised is then llhttp's,
     and the sender uses the hand parser for that node from then on.
+
+    :meth:`feed_statuses` is :meth:`feed` for the sender's hot path: the status codes as ints.
     """
 
-    __slots__ = ("max_header_size", "needs_hand_parser", "_ll", "_slow", "_kept", "_since", "_out", "_open",
-                 "_tail", "_completed", "_status")
+    __slots__ = ("max_header_size", "needs_hand_parser", "closed", "on_message_begin", "on_status",
+                 "on_headers_complete", "_heads", "_ll",
+                 "_slow", "_kept", "_since", "_statuses", "_add", "_reasons", "_begins", "_peeks", "_ended",
+                 "_mark", "_tail", "_status_code", "_keep_alive", "_version", "_slow_out")
 
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
         self.max_header_size = max_header_size
         self.needs_hand_parser = False
+        self.closed = False  # the last answer returned ends the connection (only after the hand parser took over)
+        # Three of the four callbacks llhttp makes per answer are C methods, not Python functions: counters of
+        # the answers begun and of the heads complete, and the list the reason phrases go to (checked per read).
+        self._begins = count()
+        self._heads = count()
+        self._peeks = 0  # values of _begins and _heads read by feed, not answers begun or heads
+        self.on_message_begin = self._begins.__next__
+        self.on_headers_complete = self._heads.__next__
+        self._reasons: list[bytes] = []
+        self.on_status = self._reasons.append
         self._ll = HttpResponseParser(self)
         # BWS before a chunk extension's ";" (RFC 9112 §7.1.1), which the hand parser accepts too.
         self._ll.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self._status_code = self._ll.get_status_code
+        self._keep_alive = self._ll.should_keep_alive
+        self._version = self._ll.get_http_version
+        self._statuses: list[int] = []  # of the final answers completed in this read
+        self._add = self._statuses.append
         self._slow: ResponseParser | None = None  # once set, it parses everything
         self._kept: bytearray | None = bytearray()  # bytes since the last read that ended between responses
         self._since = 0  # responses returned since then
-        self._out: list[Response] = []
-        self._open = False  # a response has begun and not completed
-        self._completed = 0  # responses (interim ones too) completed since the kept bytes began
-        self._status = 0  # of the open response
+        self._ended = 0  # responses completed (interim ones too), ever
+        self._mark = 0  # _ended when the kept bytes began
         self._tail = 0  # bytes after the last CRLFCRLF, while a response is open: bounds its head's size
+        self._slow_out: list[Response] = []  # what the hand parser returned last
 
     @property
     def idle(self) -> bool:
         if self._slow is not None:
             return self._slow.idle
-        return not self._open
+        return not self._peek_open()
 
-    # llhttp callbacks: the only Python code run per response on the fast path.
+    def _peek_open(self) -> bool:
+        try:
+            return self._open()
+        except _Diverted:
+            return True
 
-    def on_message_begin(self) -> None:
-        self._open = True
+    def _open(self) -> bool:
+        """A response has begun and not completed. (Its head too: then it must be one llhttp may frame.)"""
+        peeks = self._peeks
+        self._peeks = peeks + 1
+        heads = next(self._heads) - peeks
+        if next(self._begins) - peeks <= self._ended:
+            return False
+        if heads > self._ended:
+            status = self._status_code()
+            if status < 100 or status == 101 or not self._keep_alive():
+                # The hand parser frames closing responses and odd statuses its own way.
+                raise _Diverted
+        return True
 
-    def on_status(self, reason: bytes) -> None:
-        # llhttp lets control characters through in a reason phrase; the hand parser does not.
-        if _BAD_REASON(reason) is not None:
+    # llhttp callbacks (besides the two C ones): the only Python code run per response on the fast path.
+
+    def on_message_complete(self) -> None:
+        status = self._status_code()
+        if status >= 200 and self._keep_alive() and self._version() == "1.1":
+            self._add(status)
+        else:
+            self._interim(status)
+
+    def _interim(self, status: int) -> None:
+        if status < 100 or status == 101 or status >= 200 or not self._keep_alive() or self._version() != "1.1":
+            # The hand parser frames closing responses and odd statuses its own way, and HTTP/1.0 (whose
+            # keep-alive llhttp reads differently when both tokens are present; it also takes 0.9 and 2.0).
             raise _Diverted
-
-    def on_headers_complete(self) -> None:
-        ll = self._ll
-        status = self._status = ll.get_status_code()
-        if status < 100 or status == 101 or not ll.should_keep_alive() or ll.get_http_version() != "1.1":
-            # The hand parser frames closing responses, odd statuses and HTTP/1.0 (whose keep-alive llhttp
-            # reads differently when both tokens are present) its own way.
-            raise _Diverted
+        self._ended += 1  # an interim response (100 Continue, 103 Early Hints): the final one follows
 
     def on_chunk_header(self) -> None:
         raise _Diverted  # chunked framing (rare on PURGE answers) has rules llhttp applies differently
 
-    def on_message_complete(self) -> None:
-        self._open = False
-        self._completed += 1
-        status = self._status
-        if status >= 200:  # not an interim response (100 Continue, 103 Early Hints)
-            response = _RESPONSES.get(status)
-            self._out.append(response if response is not None else _response(status, True))
-
     def feed(self, data: bytes) -> list[Response]:
         if self._slow is not None:
             return self._slow.feed(data)
-        out = self._out = []
+        statuses = self.feed_statuses(data)
+        if self._slow is None:
+            return [_RESPONSES.get(status) or _response(status, True) for status in statuses]
+        # Handed over in this read: the answers before the hand-over were plain keep-alive ones.
+        fast = len(statuses) - len(self._slow_out)
+        return [_response(status, True) for status in statuses[:fast]] + self._slow_out
+
+    def feed_statuses(self, data: bytes) -> list[int]:
+        """The status codes of the responses ``data`` completed, in order. After the hand parser took over,
+        ``closed`` says whether the last of them ends the connection."""
+        if self._slow is not None:
+            return self._hand(self._slow.feed(data))
         try:
             self._ll.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:  # _Diverted comes back as a callback error
             return self._divert(data, exc)
+        statuses = self._statuses
+        n = len(statuses)
+        if n:
+            self._statuses = out = []
+            self._add = out.append
+            self._ended += n
+        reasons = self._reasons
+        if reasons:
+            # llhttp lets control characters through in a reason phrase; the hand parser does not.
+            if not _GOOD_REASONS.issuperset(reasons) and not _learn_reasons(reasons):
+                return self._divert(data, None)
+            reasons.clear()
         kept = self._kept
-        if not self._open:
+        try:
+            is_open = self._open()
+        except _Diverted:
+            return self._divert(data, None)
+        if not is_open:
             if kept is None:
                 self._kept = bytearray()  # this read ended between responses: nothing before it is replayed
             elif kept:
                 kept.clear()
-            self._since = self._completed = 0
-            return out
+            self._since = 0
+            self._mark = self._ended
+            return statuses
         if kept is not None:
             if len(kept) + len(data) <= _RETAIN_MAX:
                 kept += data
-                self._since += len(out)
+                self._since += n
                 # The open response began where the kept bytes begin: refuse garbage as early as the hand
                 # parser does (before a blank line arrives).
-                if not self._completed and kept[:7] != b"HTTP/1."[: len(kept)]:
-                    return out + self._divert(b"", None)
+                if self._ended == self._mark and kept[:7] != b"HTTP/1."[: len(kept)]:
+                    return statuses + self._divert(b"", None)
             else:
                 self._kept = None
         # An open head has no CRLFCRLF yet, so it started after the last one: that bounds its size.
         i = data.rfind(b"\r\n\r\n")
         self._tail = len(data) - i - 4 if i >= 0 else self._tail + len(data)
         if self._tail > self.max_header_size:
-            return out + self._divert(b"", None)  # the kept bytes hold this read: out is skipped
-        return out
+            return statuses + self._divert(b"", None)  # the kept bytes hold this read: statuses are skipped
+        return statuses
 
     def feed_eof(self) -> list[Response]:
         if self._slow is None:
-            if not self._open:
+            if not self._peek_open():
                 self._slow = ResponseParser()  # between responses: a clean end, and it stays ended
                 self._slow.feed_eof()
                 return []
-            out = self._divert(b"", None)  # a read-until-close body ends here, or the response is truncated
+            self._divert(b"", None)  # a read-until-close body ends here, or the response is truncated
+            out = self._slow_out
             return out + self._slow.feed_eof()  # type: ignore[union-attr]
         return self._slow.feed_eof()
 
-    def _divert(self, data: bytes, exc: Exception | None) -> list[Response]:
+    def _hand(self, responses: list[Response]) -> list[int]:
+        self._slow_out = responses
+        self.closed = bool(responses) and not responses[-1].keep_alive
+        return [response.status for response in responses]
+
+    def _divert(self, data: bytes, exc: Exception | None) -> list[int]:
         """Hand over to the hand parser: replay the kept bytes and ``data``, drop the responses already
         returned since the kept bytes began, return the rest."""
         slow = self._slow = ResponseParser(max_header_size=self.max_header_size)
         kept, skip = self._kept, self._since
-        self._kept, self._out = None, []
+        self._kept = None
+        self._statuses, self._reasons = [], []
         if kept is None:
             self.needs_hand_parser = True
             detail = str(exc.args[0] if exc is not None and exc.args else "response too large to replay")
@@ -164,4 +232,14 @@ class FastResponseParser:
             error = ProtocolError("the hand parser refused a response llhttp accepted", reason="bad_header")
             slow._error = error
             raise error
-        return responses[skip:]
+        return self._hand(responses[skip:])
+
+
+def _learn_reasons(reasons: list[bytes]) -> bool:
+    """Whether the reason phrases are clean; the clean ones are remembered (a bounded few)."""
+    for reason in reasons:
+        if _BAD_REASON(reason) is not None:
+            return False
+    if len(_GOOD_REASONS) < _GOOD_REASONS_MAX:
+        _GOOD_REASONS.update(reasons)
+    return True

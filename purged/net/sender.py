@@ -9,26 +9,18 @@ engine (resent on a new connection: a repeated PURGE is harmless); answered ones
 from __future__ import annotations
 
 import logging
-from collections import deque
+import socket
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..core.http1 import ProtocolError, ResponseParser, encode_purges
-from ..core.http1_fast import FastResponseParser
 from ..core.window import WindowControl
+from .pipeline import Pipeline
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
 
 log = logging.getLogger("purged.sender")
-
-RECEIVE_SIZE = 1 << 18  # one read takes everything the edge sent so far: fewer wake-ups, reads end between answers
-# After a read that emptied the socket with many answers still owed, let more arrive before the next one: an edge
-# answers a pipeline a few responses per write, and each read is a trio round (~10 us) whatever it carries. 1 ms
-# of latency on purges takes the reads from ~4 answers each to dozens (docs/benchmarks.md, issue 15).
-READ_PAUSE = 0.001
-PAUSE_OWED = 32  # answers owed for a pause to pay
 
 
 class SenderPort(Protocol):
@@ -96,131 +88,24 @@ class NodeSender:
                 await trio.sleep(port.reconnect_delay(name))
                 continue
             self.connects += 1
-            fifo: deque[int] = deque()
+            # The connection's own socket, non-blocking, without trio's stream around it: a read or a write
+            # is tried first and waits only if the kernel has nothing (trio's socket calls add a scheduling
+            # round to each, and the stream a conflict check).
+            sock = socket.socket(fileno=stream.socket.detach())
+            sock.setblocking(False)
+            conn = Pipeline(self, sock)
             try:
-                async with stream:
-                    kind = await self._pipeline(stream, fifo)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                kind = await conn.run()
+            except (OSError, trio.ClosedResourceError):
                 kind = "reset"
+            finally:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+            unanswered = conn.unanswered()
             if kind is None:
-                port.requeue(name, list(fifo))
+                port.requeue(name, unanswered)
             else:
                 self.control.failed(trio.current_time())
-                port.fail(name, list(fifo), kind)
-                log.info("%s: connection %s with %d unanswered; they will be resent", name, kind, len(fifo))
+                port.fail(name, unanswered, kind)
+                log.info("%s: connection %s with %d unanswered; they will be resent", name, kind, len(unanswered))
                 await trio.sleep(port.reconnect_delay(name))
-
-    async def _pipeline(self, stream: trio.SocketStream, fifo: deque[int]) -> str | None:
-        """Run one connection until it ends. Returns ``None`` for a graceful end (the edge closed after some
-        answers, or while idle) or the failure type (``reset``, ``timeout``, ``protocol``, ``closed``)."""
-        port, name = self.port, self.name
-        space = trio.Event()
-        sent_at = 0.0
-        control = self.control
-        batches: deque[list] = deque()  # [sent at, requests of that write not answered yet], oldest first
-        result: list[str | None] = ["reset"]
-
-        def end(kind: str | None) -> None:
-            result[0] = kind
-            nursery.cancel_scope.cancel()
-
-        async def writer() -> None:
-            nonlocal space, sent_at
-            while True:
-                room = self.window - len(fifo)
-                if room <= 0:
-                    control.full(trio.current_time())  # the window, not the engine, holds the next ones back
-                    await space.wait()
-                    space = trio.Event()
-                    continue
-                items = port.take(name, room)
-                if not items:
-                    await port.wait(name)  # the engine wakes this node when it may have something
-                    continue
-                now = trio.current_time()
-                if not fifo:
-                    sent_at = now
-                batches.append([now, len(items)])
-                fifo.extend([seq for seq, _ in items])
-                data = encode_purges([target for _, target in items])
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    return end("reset")
-
-        def answered_rtt(n: int, now: float) -> float:
-            """How long the oldest of ``n`` answers was in flight; forgets their writes."""
-            rtt = now - batches[0][0]
-            while n:
-                batch = batches[0]
-                if batch[1] > n:
-                    batch[1] -= n
-                    break
-                n -= batch[1]
-                batches.popleft()
-            return rtt
-
-        async def reader() -> None:
-            parser = ResponseParser() if self.hand_parser else FastResponseParser()
-            answered = 0
-            timeout = self.cfg.timeout
-            last_data = trio.current_time()
-            while True:
-                data = None
-                with trio.move_on_after(min(timeout, 1.0)):
-                    try:
-                        data = await stream.receive_some(RECEIVE_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        return end("reset")
-                now = trio.current_time()
-                if data is None:
-                    if fifo and now - max(last_data, sent_at) >= timeout:
-                        return end("timeout")
-                    continue
-                last_data = now
-                try:
-                    responses = parser.feed(data) if data else parser.feed_eof()
-                except ProtocolError as exc:
-                    log.warning("%s: bad response (%s): %s", name, exc.reason, exc.detail)
-                    if getattr(parser, "needs_hand_parser", False):
-                        self.hand_parser = True
-                    return end("protocol")
-                closing = not data
-                n = len(responses)
-                if n and n <= len(fifo) and responses[-1].keep_alive and not closing:
-                    # The usual read: every answer keeps the connection open and matches a request sent.
-                    popleft = fifo.popleft
-                    port.ack(name, [(popleft(), resp.status) for resp in responses])
-                    answered += n
-                    control.acked(n, answered_rtt(n, now), now)
-                    space.set()
-                    if len(fifo) >= PAUSE_OWED and len(data) < RECEIVE_SIZE // 2:
-                        await trio.sleep(READ_PAUSE)
-                    continue
-                answers = []
-                for resp in responses:
-                    if not fifo:
-                        port.ack(name, answers)
-                        log.warning("%s: a response without a request", name)
-                        return end("protocol")
-                    answers.append((fifo.popleft(), resp.status))
-                    answered += 1
-                    if not resp.keep_alive:
-                        if answered == 1 and fifo and self.window > 1:
-                            # The edge closes after one answer with more queued: it does not pipeline.
-                            self.no_pipelining = True
-                            self.pipelining_fallbacks += 1
-                            log.warning("%s: closes after each response; sending one at a time", name)
-                        closing = True
-                        break
-                if answers:
-                    port.ack(name, answers)
-                    control.acked(len(answers), answered_rtt(len(answers), now), now)
-                    space.set()
-                if closing:
-                    return end(None if answered or not fifo else "closed")
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
-            nursery.start_soon(reader)
-        return result[0]
