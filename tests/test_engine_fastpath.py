@@ -88,9 +88,9 @@ def ref_trim(log: PurgeLog, below: int) -> int:
         entry = entries[i]
         entries[i] = None
         if entry is not None:
-            log.bytes -= len(entry.target)
-            if index.get(entry.target) == log.base:
-                del index[entry.target]
+            log.bytes -= len(entry[0])
+            if index.get(entry[0]) == log.base:
+                del index[entry[0]]
         log._offset += 1
         log.base += 1
         dropped += 1

@@ -409,7 +409,7 @@ class Engine(Failures):
             li = ident & 1
             seq = ident >> 1
             entries, off = slots[li]
-            seconds = now - entries[seq + off].accepted_at  # type: ignore[union-attr]
+            seconds = now - entries[seq + off][1]  # type: ignore[index]  # (target, accepted_at, dc_mask)
             observe_counts[bisect_left(observe_bounds, seconds)] += 1
             latency += seconds
             finish[li](seq)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .cursor import NodeCursor
 from .events import Outbox
-from .log import Entry, PurgeLog
+from .log import PurgeLog
 from .topology import Topology
 
 if TYPE_CHECKING:
@@ -197,16 +197,16 @@ class Lane:
         while cursor < stop and len(ids) < limit:
             seq = cursor
             cursor += 1
-            entry = entries[seq + off]
-            if not entry.dc_mask & bit:
+            entry = entries[seq + off]  # (target, accepted_at, dc_mask)
+            if not entry[2] & bit:
                 continue
             cur.matched += 1
-            target = entry.target
+            target = entry[0]
             latest = index[target]
             if latest != seq:
                 cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
-            if max_age and entry.accepted_at + max_age < now:
+            if max_age and entry[1] + max_age < now:
                 cur.take(seq)
                 cur.finish(seq)
                 stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
@@ -247,7 +247,8 @@ class Lane:
         log, gate = self.log, self.linger_gate
         horizon = now - self.linger
         gate = max(gate, log.base)
-        while gate < log.head and log.get(gate).accepted_at <= horizon:
+        entries, off = log.slots()
+        while gate < log.head and entries[gate + off][1] <= horizon:  # type: ignore[index]
             gate += 1
         self.linger_gate = gate
         return gate
@@ -338,7 +339,7 @@ class Lane:
             mask = masks.get(host)
             if mask is None:
                 mask = masks[host] = topology.dc_mask(host)
-            entries.append(Entry(target, accepted_at, mask))
+            entries.append((target, accepted_at, mask))
         head = base + len(entries)
         starts = {node: min(max(positions.get(node, head), base), head) for node in self.cursors}
         self.log.load(base, entries, max(starts.values(), default=base))
@@ -349,7 +350,7 @@ class Lane:
             bit = 1 << di
             prefix = [0]
             for entry in entries:
-                prefix.append(prefix[-1] + (1 if entry.dc_mask & bit else 0))
+                prefix.append(prefix[-1] + (1 if entry[2] & bit else 0))
             self.dc_appended[di] = prefix[-1]
             for node, (ndi, _) in self.place.items():
                 if ndi == di:
