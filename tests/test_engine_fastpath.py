@@ -88,9 +88,9 @@ def ref_trim(log: PurgeLog, below: int) -> int:
         entry = entries[i]
         entries[i] = None
         if entry is not None:
-            log.bytes -= len(entry.target)
-            if index.get(entry.target) == log.base:
-                del index[entry.target]
+            log.bytes -= len(entry[0])
+            if index.get(entry[0]) == log.base:
+                del index[entry[0]]
         log._offset += 1
         log.base += 1
         dropped += 1
@@ -100,11 +100,12 @@ def ref_trim(log: PurgeLog, below: int) -> int:
     return dropped
 
 
-def ref_read(lane: Lane, node, li, limit, now, out, max_age) -> None:
+def ref_read(lane: Lane, node, li, limit, now, ids, targets, max_age) -> None:
     """Lane.read entry by entry, whatever the node's dedup window."""
     cur = lane.cursors[node.name]
     start = cur.cursor
-    cursor = lane._read_each(node, cur, li, start, lane.read_limit(node.name, now), limit, now, out, max_age)
+    stop = lane.read_limit(node.name, now)
+    cursor = lane._read_each(node, cur, li, start, stop, limit, now, ids, targets, max_age)
     cur.cursor = cursor
     if cursor > start:
         lane.log.mark_read(cursor - 1)
@@ -125,6 +126,7 @@ def reference(engine: Engine) -> Engine:
             engine._ack_each(node, answers, now)
 
     engine.ack_many = ack_many
+    engine.ack_ids = lambda name, idents, statuses, now: ack_many(name, list(zip(idents, statuses, strict=True)), now)
     return engine
 
 
@@ -247,15 +249,20 @@ class Lockstep(RuleBasedStateMachine):
         # ``back``: accepted before the last arrival (times in a lane are not assumed to be in order)
         self.both("submit", urls, self.now - back, "http", "high" if high else "bulk")
 
-    @rule(node=st.sampled_from(NODES), n=st.sampled_from([1, 2, 3, 8, 40]))
-    def take(self, node, n):
-        items = self.both("take", node, n, self.now)
-        self.outstanding[node].extend(ident for ident, _ in items)
+    @rule(node=st.sampled_from(NODES), n=st.sampled_from([1, 2, 3, 8, 40]), split=st.booleans())
+    def take(self, node, n, split):
+        if split:
+            ids, targets = self.both("take_ids", node, n, self.now)
+            assert len(ids) == len(targets)
+        else:
+            ids = [ident for ident, _ in self.both("take", node, n, self.now)]
+        self.outstanding[node].extend(ids)
 
     @precondition(lambda self: any(self.outstanding.values()))
     @rule(data=st.data(), k=st.integers(1, 12), same=st.booleans(), swap=st.booleans(), stale=st.booleans(),
-          statuses=st.lists(st.sampled_from([200, 200, 200, 204, 404, 503, 400]), min_size=12, max_size=12))
-    def answer(self, data, k, same, swap, stale, statuses):
+          statuses=st.lists(st.sampled_from([200, 200, 200, 204, 404, 503, 400]), min_size=13, max_size=13),
+          split=st.booleans())
+    def answer(self, data, k, same, swap, stale, statuses, split):
         node = data.draw(st.sampled_from([n for n in NODES if self.outstanding[n]]))
         idents = self.outstanding[node][:k]
         del self.outstanding[node][: len(idents)]
@@ -265,7 +272,10 @@ class Lockstep(RuleBasedStateMachine):
             old = data.draw(st.sampled_from(self.answered))
             idents.insert(len(idents) // 2, old[1] if old[0] == node else idents[0])
         codes = [statuses[0]] * len(idents) if same else statuses[: len(idents)]
-        self.both("ack_many", node, list(zip(idents, codes, strict=False)), self.now)
+        if split:  # as two lists (what a sender has)
+            self.both("ack_ids", node, idents, codes, self.now)
+        else:
+            self.both("ack_many", node, list(zip(idents, codes, strict=False)), self.now)
         self.answered.extend((node, ident) for ident in idents)
 
     @precondition(lambda self: any(self.outstanding.values()))

@@ -170,23 +170,30 @@ class Engine(Failures):
             self._out.timer = True
 
     def take(self, name: str, limit: int, now: float) -> list[tuple[int, str]]:
-        """The next purges ``(id, target)`` for node ``name``: due retries and deferrals first, then new
-        entries, high lane before bulk. A node marked down gets one purge at a time (a probe) until it answers.
-        When this returns nothing, the node is woken (see :meth:`events`) once it may have something."""
+        """The next purges ``(id, target)`` for node ``name``: :meth:`take_ids` as pairs."""
+        ids, targets = self.take_ids(name, limit, now)
+        return list(zip(ids, targets, strict=True))
+
+    def take_ids(self, name: str, limit: int, now: float) -> tuple[list[int], list[str]]:
+        """The next purges for node ``name``, their ids and their targets (two lists, in the same order): due
+        retries and deferrals first, then new entries, high lane before bulk. A node marked down gets one purge
+        at a time (a probe) until it answers. When this returns nothing, the node is woken (see :meth:`events`)
+        once it may have something."""
         node = self.nodes[name]
+        ids: list[int] = []
+        targets: list[str] = []
         if node.down:
             if node.inflight:
-                return []
+                return ids, targets
             limit = 1
         limit = min(limit, node.bucket.available(now))
         if limit <= 0:
             self._throttle(node)
-            return []
-        out: list[tuple[int, str]] = []
+            return ids, targets
         dedup = node.dedup
         if node.retries and node.retries[0][0] <= now:
             retried = 0
-            while node.retries and node.retries[0][0] <= now and len(out) < limit:
+            while node.retries and node.retries[0][0] <= now and len(ids) < limit:
                 ident = heapq.heappop(node.retries)[1]
                 target = self.lanes[ident & 1].log.get(ident >> 1).target
                 if node.deferred.get(target) == ident:
@@ -200,16 +207,18 @@ class Engine(Failures):
                         continue
                     dedup.sent(target, now)
                 node.inflight.add(ident)
-                out.append((ident, target))
+                ids.append(ident)
+                targets.append(target)
                 retried += 1
             node.stats.retries += retried
+        max_age = self.policy.max_age
         for li, lane in enumerate(self.lanes):
-            if len(out) >= limit:
+            if len(ids) >= limit:
                 break
-            lane.read(node, li, limit, now, out, self.policy.max_age)
-        node.bucket.consume(len(out), now)
-        node.stats.sent += len(out)
-        return out
+            lane.read(node, li, limit, now, ids, targets, max_age)
+        node.bucket.consume(len(ids), now)
+        node.stats.sent += len(ids)
+        return ids, targets
 
     def ack(self, name: str, ident: int, status: int, now: float) -> str:
         """Node ``name`` answered ``status`` to the PURGE ``ident``; returns its :func:`classify` verdict."""
@@ -242,26 +251,35 @@ class Engine(Failures):
         return verdict
 
     def ack_many(self, name: str, answers: list[tuple[int, int]], now: float) -> None:
-        """Node ``name`` answered ``(ident, status)`` for each of ``answers``, in order (one read's worth): the
-        same as :meth:`ack` for each, with the per-answer bookkeeping (tier positions, trimming) done once.
+        """Node ``name`` answered ``(ident, status)`` for each of ``answers``, in order (one read's worth):
+        :meth:`ack_ids` with the pairs split."""
+        if answers:
+            idents, statuses = zip(*answers)  # noqa: B905 (pairs; strict would cost a call per answer)
+            self.ack_ids(name, idents, statuses, now)
+
+    def ack_ids(self, name: str, idents: list[int] | tuple[int, ...], statuses: list[int] | tuple[int, ...],
+                now: float) -> None:
+        """Node ``name`` answered ``statuses[i]`` to the PURGE ``idents[i]``, in order (one read's worth; two
+        lists or two tuples of the same length): the same as :meth:`ack` for each, with the per-answer
+        bookkeeping (tier positions, trimming) done once.
 
         The usual read, one 2xx/404 status for purges of consecutive seqs of one lane all in flight, is done with
         list and set operations; a read that is not usual is split into runs (:meth:`_ack_runs`)."""
         node = self.nodes.get(name)
-        if node is None or not answers:
-            return
-        idents, statuses = zip(*answers)  # noqa: B905 (pairs; strict would cost a call per answer)
         n = len(idents)
+        if node is None or not n:
+            return
         first = idents[0]
         status = statuses[0]
         inflight = node.inflight
+        expected = range(first, first + 2 * n, 2)
         if not (
             statuses.count(status) == n
             and (200 <= status < 300 or status == 404)
-            and idents == tuple(range(first, first + 2 * n, 2))
+            and idents == (tuple(expected) if idents.__class__ is tuple else list(expected))
             and inflight.issuperset(idents)
         ):
-            self._ack_runs(node, answers, idents, statuses, now)
+            self._ack_runs(node, list(zip(idents, statuses, strict=True)), tuple(idents), tuple(statuses), now)
             return
         inflight.difference_update(idents)
         responses = node.stats.responses
@@ -391,7 +409,7 @@ class Engine(Failures):
             li = ident & 1
             seq = ident >> 1
             entries, off = slots[li]
-            seconds = now - entries[seq + off].accepted_at  # type: ignore[union-attr]
+            seconds = now - entries[seq + off][1]  # type: ignore[index]  # (target, accepted_at, dc_mask)
             observe_counts[bisect_left(observe_bounds, seconds)] += 1
             latency += seconds
             finish[li](seq)

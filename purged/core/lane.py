@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .cursor import NodeCursor
 from .events import Outbox
-from .log import Entry, PurgeLog
+from .log import PurgeLog
 from .topology import Topology
 
 if TYPE_CHECKING:
@@ -78,9 +78,10 @@ class Lane:
                 di += 1
         return hi, merged
 
-    def read(self, node: Node, li: int, limit: int, now: float, out: list, max_age: float) -> None:
-        """Read this lane for ``node`` up to its read limit, appending ``(id, target)`` to send to ``out``
-        (at most ``limit``): entries for other data centres are passed, superseded ones pinned on their
+    def read(self, node: Node, li: int, limit: int, now: float, ids: list[int], targets: list[str],
+             max_age: float) -> None:
+        """Read this lane for ``node`` up to its read limit, appending the id and target of each purge to send
+        to ``ids`` and ``targets`` (until they hold ``limit``): entries for other data centres are passed, superseded ones pinned on their
         successor, stale ones (``max_age``) dropped, ones inside the node's dedup window deferred to its end.
 
         Without a dedup window a read goes by runs (:meth:`_read_run`), else entry by entry (:meth:`_read_each`):
@@ -92,18 +93,19 @@ class Lane:
         if cursor >= stop:
             return
         if node.dedup is None:
-            while cursor < stop and len(out) < limit:
-                cursor = self._read_run(node, cur, li, cursor, min(stop, cursor + limit - len(out)), now, out,
-                                        max_age)
+            while cursor < stop and len(ids) < limit:
+                cursor = self._read_run(node, cur, li, cursor, min(stop, cursor + limit - len(ids)), now, ids,
+                                        targets, max_age)
         else:
-            cursor = self._read_each(node, cur, li, cursor, stop, limit, now, out, max_age)
+            cursor = self._read_each(node, cur, li, cursor, stop, limit, now, ids, targets, max_age)
         cur.cursor = cursor
         if cursor > start:
             self.log.mark_read(cursor - 1)
             self.moved(name, now)
 
     def _read_run(
-        self, node: Node, cur: NodeCursor, li: int, cursor: int, end: int, now: float, out: list, max_age: float
+        self, node: Node, cur: NodeCursor, li: int, cursor: int, end: int, now: float, ids: list[int],
+        out: list[str], max_age: float,
     ) -> int:
         """Read the entries from ``cursor`` to ``end`` (no more than may be sent) for a node without a dedup
         window; returns ``end``. The plain ones (meant for this node's data centre, each the latest for its
@@ -140,16 +142,17 @@ class Lane:
                 cur.take_run(cursor, end)
                 idents = range(cursor << 1 | li, end << 1 | li, 2)
                 node.inflight.update(idents)
-                out.extend(zip(idents, targets, strict=True))
+                ids += idents
+                out += targets
             else:
-                self._take(node, cur, li, seqs, targets, out)
+                self._take(node, cur, li, seqs, targets, ids, out)
             return end
         stats = node.stats
         index = log.index
         prev = 0
         for k in odd:
             if k > prev:
-                self._take(node, cur, li, seqs[prev:k], targets[prev:k], out)
+                self._take(node, cur, li, seqs[prev:k], targets[prev:k], ids, out)
             prev = k + 1
             seq = seqs[k]
             latest_seq = index[targets[k]]
@@ -161,12 +164,13 @@ class Lane:
                 stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
                 self.out.progress = True
         if prev < n:
-            self._take(node, cur, li, seqs[prev:], targets[prev:], out)
+            self._take(node, cur, li, seqs[prev:], targets[prev:], ids, out)
         return end
 
     @staticmethod
-    def _take(node: Node, cur: NodeCursor, li: int, seqs: range | list[int], targets, out: list) -> None:
-        """Send ``targets`` (their entries' ``seqs``, ascending)."""
+    def _take(node: Node, cur: NodeCursor, li: int, seqs: range | list[int], targets, ids: list[int],
+              out: list[str]) -> None:
+        """Send ``targets`` (their entries' ``seqs``, ascending): their ids to ``ids``, themselves to ``out``."""
         if type(seqs) is range:
             first, stop = seqs.start, seqs.stop
             cur.take_run(first, stop)
@@ -176,11 +180,12 @@ class Lane:
                 cur.take(seq)
             idents = [seq << 1 | li for seq in seqs]
         node.inflight.update(idents)
-        out.extend(zip(idents, targets, strict=True))
+        ids += idents
+        out += targets
 
     def _read_each(
-        self, node: Node, cur: NodeCursor, li: int, cursor: int, stop: int, limit: int, now: float, out: list,
-        max_age: float,
+        self, node: Node, cur: NodeCursor, li: int, cursor: int, stop: int, limit: int, now: float,
+        ids: list[int], out: list[str], max_age: float,
     ) -> int:
         """The per-entry read (see :meth:`read`) from ``cursor`` to ``stop``; returns the new cursor."""
         bit, dedup, stats = node.dc_bit, node.dedup, node.stats
@@ -189,19 +194,19 @@ class Lane:
         inflight = node.inflight
         entries, off = log.slots()
         take = cur.take
-        while cursor < stop and len(out) < limit:
+        while cursor < stop and len(ids) < limit:
             seq = cursor
             cursor += 1
-            entry = entries[seq + off]
-            if not entry.dc_mask & bit:
+            entry = entries[seq + off]  # (target, accepted_at, dc_mask)
+            if not entry[2] & bit:
                 continue
             cur.matched += 1
-            target = entry.target
+            target = entry[0]
             latest = index[target]
             if latest != seq:
                 cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
-            if max_age and entry.accepted_at + max_age < now:
+            if max_age and entry[1] + max_age < now:
                 cur.take(seq)
                 cur.finish(seq)
                 stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
@@ -226,7 +231,8 @@ class Lane:
                 dedup.sent(target, now)
             take(seq)
             inflight.add(ident)
-            out.append((ident, target))
+            ids.append(ident)
+            out.append(target)
         return cursor
 
     def read_limit(self, node: str, now: float) -> int:
@@ -241,7 +247,8 @@ class Lane:
         log, gate = self.log, self.linger_gate
         horizon = now - self.linger
         gate = max(gate, log.base)
-        while gate < log.head and log.get(gate).accepted_at <= horizon:
+        entries, off = log.slots()
+        while gate < log.head and entries[gate + off][1] <= horizon:  # type: ignore[index]
             gate += 1
         self.linger_gate = gate
         return gate
@@ -332,7 +339,7 @@ class Lane:
             mask = masks.get(host)
             if mask is None:
                 mask = masks[host] = topology.dc_mask(host)
-            entries.append(Entry(target, accepted_at, mask))
+            entries.append((target, accepted_at, mask))
         head = base + len(entries)
         starts = {node: min(max(positions.get(node, head), base), head) for node in self.cursors}
         self.log.load(base, entries, max(starts.values(), default=base))
@@ -343,7 +350,7 @@ class Lane:
             bit = 1 << di
             prefix = [0]
             for entry in entries:
-                prefix.append(prefix[-1] + (1 if entry.dc_mask & bit else 0))
+                prefix.append(prefix[-1] + (1 if entry[2] & bit else 0))
             self.dc_appended[di] = prefix[-1]
             for node, (ndi, _) in self.place.items():
                 if ndi == di:

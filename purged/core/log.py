@@ -1,9 +1,11 @@
 """Core layer: the purge log, an append-only sequence of unique pending purges shared by every node.
 
-Each entry is ``(target, accepted_at, dc_mask)``; its sequence number is its position. A per-target index
-(target -> latest seq) makes coalescing O(1): a purge whose latest entry no node has read yet merges into it
-(DESIGN.md guarantee 2: merge only while unsent). Memory is the span between the lowest node position and the
-head; :meth:`trim` drops what every node is done with.
+Each entry is ``(target, accepted_at, dc_mask)``, held as a plain tuple (the cyclic GC untracks a tuple of
+atoms at its first young collection, never a tuple subclass such as :class:`Entry`, whose every held instance
+each later collection would traverse) and handed out as an :class:`Entry`; its sequence number is its position.
+A per-target index (target -> latest seq) makes coalescing O(1): a purge whose latest entry no node has read yet
+merges into it (DESIGN.md guarantee 2: merge only while unsent). Memory is the span between the lowest node
+position and the head; :meth:`trim` drops what every node is done with.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ class Entry(NamedTuple):
     dc_mask: int  # data centres whose nodes must get it
 
 
-_target = itemgetter(0)  # of an Entry
-_new_entry = tuple.__new__  # Entry(...) without the Python-level __new__ of a NamedTuple: ingest's hot loop
+Row = tuple[str, float, int]  # what the log holds: an Entry's fields in a plain tuple
+_target = itemgetter(0)  # of a Row
+_new_entry = tuple.__new__  # an Entry of a held tuple, without the Python-level __new__ of a NamedTuple
 _HOST_RE = re.compile(r"\n([^/\n]*)/")  # each target's host, in targets joined after newlines
 
 
@@ -33,7 +36,7 @@ def _constant(mask: int):
 
 class PurgeLog:
     def __init__(self) -> None:
-        self._entries: list[Entry | None] = []
+        self._entries: list[Row | None] = []
         self._offset = 0  # index in _entries of seq ``base``
         self.base = 0  # lowest seq still held
         self.head = 0  # next seq to assign
@@ -47,11 +50,11 @@ class PurgeLog:
     def get(self, seq: int) -> Entry:
         entry = self._entries[self._offset + seq - self.base]
         assert entry is not None
-        return entry
+        return _new_entry(Entry, entry)
 
-    def slots(self) -> tuple[list[Entry | None], int]:
-        """``(entries, off)`` with ``entries[seq + off] == get(seq)``, for hot loops; valid until the next
-        :meth:`trim` or :meth:`load` (appends keep it valid)."""
+    def slots(self) -> tuple[list[Row | None], int]:
+        """``(entries, off)`` with ``entries[seq + off] == get(seq)`` as a plain tuple ``(target, accepted_at,
+        dc_mask)``, for hot loops; valid until the next :meth:`trim` or :meth:`load` (appends keep it valid)."""
         return self._entries, self._offset - self.base
 
     def append(self, target: str, now: float, dc_mask: int) -> tuple[int, bool]:
@@ -60,7 +63,7 @@ class PurgeLog:
         if latest is not None and latest >= self.read_mark:
             return latest, True
         seq = self.head
-        self._entries.append(Entry(target, now, dc_mask))
+        self._entries.append((target, now, dc_mask))
         self.bytes += len(target)
         self.index[target] = seq
         self.head += 1
@@ -97,7 +100,7 @@ class PurgeLog:
             h = target[: target.find("/")]
             if h != host:
                 host, mask = h, dc_mask(h)
-            entries_append(_new_entry(Entry, (target, now, mask)))
+            entries_append((target, now, mask))
             index[target] = head
             nbytes += len(target)
             new[mask] = new.get(mask, 0) + 1
@@ -148,14 +151,13 @@ class PurgeLog:
             rows = zip(targets, repeat(now), repeat(dc_mask))
         else:
             rows = zip(targets, repeat(now), masks)
-        # An Entry is a tuple subclass, which the cyclic GC never untracks: a batch's entries would trigger a
-        # young collection every 700 and, promoted, the full collections that traverse every held entry.
-        # Paused, the batch costs one young collection (at the next allocation) and adds to the count once.
+        # Paused, the GC runs one young collection over the batch's entries (at the next allocation, which
+        # untracks them) instead of one per 700.
         paused = gc.isenabled()
         if paused:
             gc.disable()
         try:
-            self._entries += map(_new_entry, repeat(Entry), rows)
+            self._entries += rows
         finally:
             if paused:
                 gc.enable()
@@ -206,17 +208,18 @@ class PurgeLog:
         for i in range(self._offset, len(entries)):
             entry = entries[i]
             if entry is not None:
-                mask = mask_of(entry.target)
-                if mask != entry.dc_mask:
-                    entries[i] = entry._replace(dc_mask=mask)
+                mask = mask_of(entry[0])
+                if mask != entry[2]:
+                    entries[i] = (entry[0], entry[1], mask)
 
-    def load(self, base: int, entries: list[Entry], read_mark: int) -> None:
-        """Replace the content with ``entries`` numbered from ``base`` (a journal replay)."""
-        self._entries = list(entries)
+    def load(self, base: int, entries: list, read_mark: int) -> None:
+        """Replace the content with ``entries`` (``(target, accepted_at, dc_mask)`` each) numbered from ``base``
+        (a journal replay)."""
+        self._entries = [tuple(entry) for entry in entries]
         self._offset = 0
         self.base = base
         self.head = base + len(entries)
         self.read_mark = max(base, min(read_mark, self.head))
-        self.index = {entry.target: base + i for i, entry in enumerate(entries)}
-        self.bytes = sum(len(entry.target) for entry in entries)
+        self.index = {entry[0]: base + i for i, entry in enumerate(entries)}
+        self.bytes = sum(len(entry[0]) for entry in entries)
 
