@@ -37,14 +37,14 @@ class Port:
         while not self.queue:
             await self.wait(name)
 
-    def take(self, name: str, limit: int) -> list[tuple[int, str]]:
+    def take(self, name: str, limit: int) -> tuple[list[int], list[str]]:
         items = [self.queue.popleft() for _ in range(min(limit, len(self.queue)))]
         if items:
             self.takes.append(len(items))
-        return items
+        return [i for i, _ in items], [t for _, t in items]
 
-    def ack(self, name: str, answers: list[tuple[int, int]]) -> None:
-        for ident, status in answers:
+    def ack(self, name: str, idents: list[int], statuses: list[int]) -> None:
+        for ident, status in zip(idents, statuses, strict=True):
             assert ident not in self.acked, "an answered PURGE was sent again"
             self.acked[ident] = status
         if len(self.acked) == self.total:

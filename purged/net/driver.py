@@ -93,14 +93,15 @@ class Driver:
         """A node's sender stopped for good."""
         self._lots.pop(name, None)
 
-    def take(self, name: str, limit: int) -> list[tuple[int, str]]:
-        items = self.engine.take(name, limit, trio.current_time())
+    def take(self, name: str, limit: int) -> tuple[list[int], list[str]]:
+        """The next purges for ``name``: their ids and their targets, two lists in the same order."""
+        items = self.engine.take_ids(name, limit, trio.current_time())
         self._dispatch()
         return items
 
-    def ack(self, name: str, answers: list[tuple[int, int]]) -> None:
-        """``answers``: ``(id, status)`` of every response one read brought, in order."""
-        self.engine.ack_many(name, answers, trio.current_time())
+    def ack(self, name: str, idents: list[int], statuses: list[int]) -> None:
+        """``statuses[i]`` answered ``idents[i]``: every response one read brought, in order."""
+        self.engine.ack_ids(name, idents, statuses, trio.current_time())
         self._dispatch()
 
     def fail(self, name: str, idents: list[int], kind: str) -> None:

@@ -89,15 +89,14 @@ class Pipeline:
         if owed and room < (window >> 2 or 1):
             sender.control.full(now)  # the window, not the engine, holds the next ones back
             return False
-        items = self.port.take(self.name, room)
-        if not items:
+        ids, targets = self.port.take(self.name, room)
+        if not ids:
             return False
-        if len(items) == room:
+        if len(ids) == room:
             sender.control.full(now)
         if not owed:
             self.sent_at = now
-        self.batches.append([now, len(items)])
-        ids, targets = zip(*items, strict=True)
+        self.batches.append([now, len(ids)])
         self.fifo += ids
         data = encode_purges(targets)
         try:
@@ -179,7 +178,7 @@ class Pipeline:
                 if n:
                     # The usual read: every answer keeps the connection open and matches a request sent.
                     fifo = self.fifo
-                    ack(name, list(zip(fifo[head : head + n], statuses, strict=True)))
+                    ack(name, fifo[head : head + n], statuses)
                     head += n
                     if head >= _COMPACT and head * 2 >= len(fifo):
                         del fifo[:head]
@@ -208,7 +207,7 @@ class Pipeline:
         head = self.head
         if statuses:
             k = len(statuses)
-            self.port.ack(name, list(zip(self.fifo[head : head + k], statuses, strict=True)))
+            self.port.ack(name, self.fifo[head : head + k], statuses)
             self.head = head + k
             self.answered += k
             sender.control.acked(k, self._answered_rtt(k, now), now)
