@@ -242,6 +242,10 @@ class FastResponseParser:
             error = ProtocolError("the hand parser refused a response llhttp accepted", reason="bad_header")
             slow._error = error
             raise error
+        if len(responses) == skip and slow._error is not None:
+            # The hand parser held the error back for the answers before it, but those were returned by
+            # earlier reads: alone, it would raise it now.
+            raise slow._error
         return self._hand(responses[skip:])
 
 
