@@ -8,8 +8,9 @@ commits can be compared step by step on a noisy machine. Run it on each tree
 
 * **parse**: Varnish's answer to a PURGE (the golden bytes of ``tests/data``, its XID varied) x 1,024, fed in
   reads of ``--per-read`` answers.
-* **take + ack**: an engine with ``--nodes`` nodes in one tier holds 100,000 purges; each node takes 256 and
-  acknowledges them (per read of ``--per-read``: one ``ack_many``, or one ``ack`` each as the driver did).
+* **take + ack**: an engine with ``--nodes`` nodes in one tier holds 100,000 purges; each node takes ``--take``
+  (256) at a time and acknowledges them (per read of ``--per-read``: one ``ack_many``, or one ``ack`` each as the
+  driver did; with ``--split``, ``take_ids`` and one ``ack_ids``). ``--steps take`` runs this step alone.
 * **encode**: the PURGE bytes of 1,024 targets.
 * **ingest**: a 5,000-URL JSON body decoded, validated and submitted to a fresh engine's log.
 
@@ -72,7 +73,10 @@ def topology(nodes: int) -> Topology:
     return Topology([DatacenterSpec("dc", (), (TierSpec("t", 0.0, names),))])
 
 
-def bench_take_ack(nodes: int, per_read: int, repeats: int, take: int = 256) -> float:
+def bench_take_ack(nodes: int, per_read: int, repeats: int, take: int = 256, split: bool = False) -> float:
+    """Per PURGE: take ``take`` at a time, ack by reads of ``per_read``. ``split``: the engine's split forms
+    (``take_ids``/``ack_ids``: ids, targets and statuses as separate lists, as a sender holds them) when the
+    tree has them."""
     topo = topology(nodes)
     names = [f"n{i}" for i in range(nodes)]
     targets = [f"en.wikipedia.org/wiki/P{i}?action=raw" for i in range(100_000)]
@@ -81,10 +85,18 @@ def bench_take_ack(nodes: int, per_read: int, repeats: int, take: int = 256) -> 
         engine = Engine(topo, now=0.0)
         engine.submit(targets, 0.0)
         many = getattr(engine, "ack_many", None)
+        take_ids = getattr(engine, "take_ids", None) if split else None
         t = time.process_time()
         done = 0
         while done < len(targets) * nodes:
             for name in names:
+                if take_ids is not None:
+                    ids, _ = take_ids(name, take, 1.0)
+                    for i in range(0, len(ids), per_read):
+                        read = ids[i : i + per_read]
+                        engine.ack_ids(name, read, [200] * len(read), 1.0)
+                    done += len(ids)
+                    continue
                 items = engine.take(name, take, 1.0)
                 for i in range(0, len(items), per_read):
                     answers = [(ident, 200) for ident, _ in items[i : i + per_read]]
@@ -134,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", default="1,4")
     p.add_argument("--per-read", type=int, default=16, help="answers per read (default 16)")
     p.add_argument("--take", type=int, default=256, help="purges per take (default 256)")
+    p.add_argument("--split", action="store_true", help="take + ack with take_ids/ack_ids (if the tree has them)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--steps", default="parse,take,encode,ingest", help="which steps to run (default: all)")
     args = p.parse_args(argv)
@@ -144,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  parse, per answer ({args.per_read} per read):   {bench_parse(args.per_read, args.repeats):6.2f}")
     if "take" in steps:
         for n in (int(x) for x in args.nodes.split(",")):
-            took = bench_take_ack(n, args.per_read, args.repeats, args.take)
-            print(f"  take {args.take} + ack, per PURGE, {n} node(s):  {took:6.2f}")
+            took = bench_take_ack(n, args.per_read, args.repeats, args.take, args.split)
+            form = " (split)" if args.split else ""
+            print(f"  take {args.take} + ack{form}, per PURGE, {n} node(s):  {took:6.2f}")
     if "encode" in steps:
         print(f"  encode, per PURGE:                      {bench_encode(args.repeats):6.2f}")
     if "ingest" in steps:
