@@ -1,8 +1,9 @@
 """Core layer: the engine, a sans-IO state machine over the lanes (purge logs), nodes and their policies.
 
 The I/O layer feeds it and performs what it answers (like h11 / aioquic): ``submit(targets, now)`` at ingest
-(after :mod:`purged.core.admission` said yes); ``take(node, n, now)`` for the next purges to send to a node;
-``ack``/``fail``/``requeue`` with what happened; ``get_timer()``/``handle_timer(now)`` for retries, deferrals,
+(after :mod:`purged.core.admission` said yes); ``take_ids(node, n, now)`` for the next purges to send to a
+node; ``ack_ids``/``fail``/``requeue`` with what happened (the answers' side is the base classes,
+:mod:`purged.core.acks` and :mod:`purged.core.failures`); ``get_timer()``/``handle_timer(now)`` for retries, deferrals,
 rate limits and tier delays. After feeding it, the I/O layer drains :meth:`Engine.events` (which nodes to wake,
 whether the timer moved, which lanes progressed) in one place. Queries (``has_work``, ``backlog``, and the
 read-only views in :mod:`purged.core.status`) change nothing. No clock, no sockets, no logging here.
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import heapq
 import random
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import compress, count, islice, repeat
-from operator import itemgetter, ne, sub
 
+from .acks import Acks
 from .batches import Batches
 from .events import Events, Outbox
-from .failures import Failures
 from .histogram import LATENCY_BUCKETS, Histogram
 from .lane import Lane
 from .limits import TokenBucket
@@ -39,8 +36,6 @@ __all__ = [
 LANES = ("high", "bulk")  # drained in this order
 HIGH, BULK = 0, 1
 MAINTENANCE_INTERVAL = 1.0  # seconds between max_lag checks
-_first, _second = itemgetter(0), itemgetter(1)
-_accepted_at = itemgetter(1)  # of a log Entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +53,7 @@ class SourceStats:
     rejected: dict[str, int] = field(default_factory=dict)
 
 
-class Engine(Failures):
+class Engine(Acks):
     def __init__(
         self,
         topology: Topology,
@@ -220,226 +215,6 @@ class Engine(Failures):
         node.stats.sent += len(ids)
         return ids, targets
 
-    def ack(self, name: str, ident: int, status: int, now: float) -> str:
-        """Node ``name`` answered ``status`` to the PURGE ``ident``; returns its :func:`classify` verdict."""
-        node = self.nodes.get(name)
-        if node is None or ident not in node.inflight:
-            return "stale"
-        stats = node.stats
-        stats.responses[status] = stats.responses.get(status, 0) + 1
-        verdict = classify(status)
-        if verdict == "retry":
-            self._failed(node, now)
-            if not self._suspect(node, ident, now):
-                self._schedule_retry(node, ident, now)
-            return verdict
-        node.inflight.discard(ident)
-        if node.suspects:
-            node.suspects.pop(ident, None)
-        lane = self.lanes[ident & 1]
-        seq = ident >> 1
-        if verdict == "ok":
-            node.failures = 0
-            node.oks += 1
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
-            self._observe_latency(node, now - lane.log.get(seq).accepted_at)
-        else:
-            stats.gave_up += 1
-        self._finish(node, lane, seq, now)
-        return verdict
-
-    def ack_many(self, name: str, answers: list[tuple[int, int]], now: float) -> None:
-        """Node ``name`` answered ``(ident, status)`` for each of ``answers``, in order (one read's worth):
-        :meth:`ack_ids` with the pairs split."""
-        if answers:
-            idents, statuses = zip(*answers)  # noqa: B905 (pairs; strict would cost a call per answer)
-            self.ack_ids(name, idents, statuses, now)
-
-    def ack_ids(self, name: str, idents: list[int] | tuple[int, ...], statuses: list[int] | tuple[int, ...],
-                now: float) -> None:
-        """Node ``name`` answered ``statuses[i]`` to the PURGE ``idents[i]``, in order (one read's worth; two
-        lists or two tuples of the same length): the same as :meth:`ack` for each, with the per-answer
-        bookkeeping (tier positions, trimming) done once.
-
-        The usual read, one 2xx/404 status for purges of consecutive seqs of one lane all in flight, is done with
-        list and set operations; a read that is not usual is split into runs (:meth:`_ack_runs`)."""
-        node = self.nodes.get(name)
-        n = len(idents)
-        if node is None or not n:
-            return
-        first = idents[0]
-        status = statuses[0]
-        inflight = node.inflight
-        expected = range(first, first + 2 * n, 2)
-        if not (
-            statuses.count(status) == n
-            and (200 <= status < 300 or status == 404)
-            and idents == (tuple(expected) if idents.__class__ is tuple else list(expected))
-            and inflight.issuperset(idents)
-        ):
-            self._ack_runs(node, list(zip(idents, statuses, strict=True)), tuple(idents), tuple(statuses), now)
-            return
-        inflight.difference_update(idents)
-        responses = node.stats.responses
-        responses[status] = responses.get(status, 0) + n
-        lane = self.lanes[first & 1]
-        lo = first >> 1
-        entries, off = lane.log.slots()
-        accepted = list(map(_accepted_at, entries[lo + off : lo + off + n]))
-        oldest = accepted[0]
-        if node.suspects or accepted.count(oldest) != n:
-            self._ack_run(node, lane, first, n, now)
-        else:  # :meth:`_ack_run` inline: accepted together (one batch), one latency bucket
-            hist = node.latency or self._histogram(node)
-            hist.counts[bisect_left(hist.bounds, now - oldest)] += n
-            hist.total += (now - oldest) * n
-            lane.cursors[name].finish_run(lo, lo + n)
-        node.failures = 0
-        node.oks += n
-        if node.down:
-            node.down = False
-            self._out.wake.add(name)  # out of probing: a full window again
-        lane.moved(name, now)
-        self._out.progress = True
-        self._acks_since_trim += n
-        if self._acks_since_trim >= 1024:
-            self.trim()
-
-    def _ack_runs(self, node: Node, answers: list[tuple[int, int]], idents: tuple[int, ...],
-                  statuses: tuple[int, ...], now: float) -> None:
-        """:meth:`ack_many` for a read that is not the usual one. Every answer a success: by runs of
-        consecutive ids of one lane (``seq << 1 | lane``: a step of 2), answer by answer where some are stale.
-        Any other status: :meth:`_ack_each`, in order, as the poison rule judges each failure after the
-        successes before it."""
-        if not all(200 <= status < 300 or status == 404 for status in set(statuses)):
-            self._ack_each(node, answers, now)
-            return
-        name = node.name
-        responses = node.stats.responses
-        n = len(idents)
-        bounds = [0, *compress(count(1), map(ne, map(sub, islice(idents, 1, None), idents), repeat(2))), n]
-        oks = 0
-        moved = 0
-        inflight = node.inflight
-        for i in range(len(bounds) - 1):
-            lo, hi = bounds[i], bounds[i + 1]
-            run = idents[lo:hi]
-            if inflight.issuperset(run):
-                inflight.difference_update(run)
-                for status in statuses[lo:hi]:
-                    responses[status] = responses.get(status, 0) + 1
-                self._ack_run(node, self.lanes[run[0] & 1], run[0], hi - lo, now)
-                oks += hi - lo
-                moved |= 1 << (run[0] & 1)
-            else:  # some are stale (the node was resynced meanwhile, or an id repeats): not counted
-                for ident, status in answers[lo:hi]:
-                    if ident in inflight:
-                        inflight.discard(ident)
-                        responses[status] = responses.get(status, 0) + 1
-                        self._ack_run(node, self.lanes[ident & 1], ident, 1, now)
-                        oks += 1
-                        moved |= 1 << (ident & 1)
-        if oks:
-            node.failures = 0
-            node.oks += oks
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
-        if moved:
-            for li, lane in enumerate(self.lanes):
-                if moved >> li & 1:
-                    lane.moved(name, now)
-            self._out.progress = True
-            self._acks_since_trim += oks
-            if self._acks_since_trim >= 1024:
-                self.trim()
-
-    def _ack_run(self, node: Node, lane: Lane, first: int, n: int, now: float) -> None:
-        """Acknowledge the ``n`` purges from id ``first`` on (consecutive seqs of ``lane``), no longer in
-        flight: cursor, latency histogram and suspects; the caller counts them and moves tier positions."""
-        lo = first >> 1
-        hi = lo + n
-        if node.suspects:
-            pop = node.suspects.pop
-            for ident in range(first, first + 2 * n, 2):
-                pop(ident, None)
-        entries, off = lane.log.slots()
-        accepted = list(map(_accepted_at, entries[lo + off : hi + off]))
-        hist = node.latency or self._histogram(node)
-        oldest = accepted[0]
-        if accepted.count(oldest) == n:  # accepted together (one batch): one bucket
-            hist.counts[bisect_left(hist.bounds, now - oldest)] += n
-            hist.total += (now - oldest) * n
-        else:
-            bounds, counts = hist.bounds, hist.counts
-            bucket = bisect_left(bounds, now - max(accepted))
-            if bucket == bisect_left(bounds, now - min(accepted)):
-                counts[bucket] += n
-            else:
-                for bucket, k in Counter(map(bisect_left, repeat(bounds), map(sub, repeat(now), accepted))).items():
-                    counts[bucket] += k
-            hist.total += now * n - sum(accepted)
-        lane.cursors[node.name].finish_run(lo, hi)
-
-    def _ack_each(self, node: Node, answers: list[tuple[int, int]], now: float) -> None:
-        """:meth:`ack_many` answer by answer (a read with a failure in it)."""
-        name = node.name
-        inflight, lanes = node.inflight, self.lanes
-        responses = node.stats.responses
-        hist = self._histogram(node)
-        observe_bounds, observe_counts = hist.bounds, hist.counts
-        moved = 0  # bit per lane whose cursor advanced
-        oks = 0
-        latency = 0.0
-        slots = [lane.log.slots() for lane in lanes]
-        finish = [lane.cursors[name].finish for lane in lanes]
-        for ident, status in answers:
-            if ident not in inflight:
-                continue  # stale: the node was resynced or removed meanwhile
-            if not (200 <= status < 300 or status == 404):
-                self.ack(name, ident, status, now)  # retry, error, poison: the general path
-                slots = [lane.log.slots() for lane in lanes]  # it may have trimmed a log
-                continue
-            responses[status] = responses.get(status, 0) + 1
-            inflight.discard(ident)
-            if node.suspects:
-                node.suspects.pop(ident, None)
-            li = ident & 1
-            seq = ident >> 1
-            entries, off = slots[li]
-            seconds = now - entries[seq + off][1]  # type: ignore[index]  # (target, accepted_at, dc_mask)
-            observe_counts[bisect_left(observe_bounds, seconds)] += 1
-            latency += seconds
-            finish[li](seq)
-            moved |= 1 << li
-            oks += 1
-            # Per answer, not once per read: the poison rule (_suspect) reads these between answers.
-            node.failures = 0
-            node.oks += 1
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
-        if oks:
-            hist.total += latency
-        if moved:
-            for li, lane in enumerate(lanes):
-                if moved >> li & 1:
-                    lane.moved(name, now)
-            self._out.progress = True
-            self._acks_since_trim += oks
-            if self._acks_since_trim >= 1024:
-                self.trim()
-
-    def _finish(self, node: Node, lane: Lane, seq: int, now: float) -> None:
-        lane.cursors[node.name].finish(seq)
-        lane.moved(node.name, now)
-        self._out.progress = True
-        self._acks_since_trim += 1
-        if self._acks_since_trim >= 1024:
-            self.trim()
-
     # -- timers -----------------------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
@@ -555,19 +330,6 @@ class Engine(Failures):
     def trim(self) -> int:
         self._acks_since_trim = 0
         return sum(lane.trim() for lane in self.lanes)
-
-    def _observe_latency(self, node: Node, seconds: float) -> None:
-        self._histogram(node).observe(seconds)
-
-    def _histogram(self, node: Node) -> Histogram:
-        """The latency histogram of ``node``'s data centre and tier (kept on the node until a reload)."""
-        dc = self.topology.datacenters[node.dc_index]
-        key = (dc.name, dc.tiers[node.tier_index].name)
-        hist = self.latency.get(key)
-        if hist is None:
-            hist = self.latency[key] = Histogram()
-        node.latency = hist
-        return hist
 
     def backlog(self, name: str) -> int:
         """Purges meant for this node that it has not acknowledged yet (all lanes)."""
