@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -25,7 +25,8 @@ from ..core.http1 import ProtocolError, ResponseParser, encode_purges
 from ..core.http1_fast import FastResponseParser
 
 if TYPE_CHECKING:
-    from .sender import NodeSender
+    from ..config import Sender
+    from ..core.window import WindowControl
 
 log = logging.getLogger("purged.sender")
 
@@ -39,8 +40,35 @@ READS_PER_YIELD = 8  # reads that found data at once, at most, before the reader
 _COMPACT = 4096  # answered ids kept at the head of the FIFO list before it is compacted
 
 
+class SenderPort(Protocol):
+    """What a sender needs of the engine (``purged.net.driver.Driver`` provides it)."""
+
+    async def wait(self, name: str) -> None: ...
+    async def wait_for_work(self, name: str) -> None: ...
+    def take(self, name: str, limit: int) -> tuple[list[int], list[str]]: ...
+    def ack(self, name: str, idents: list[int], statuses: list[int]) -> None: ...
+    def fail(self, name: str, idents: list[int], kind: str) -> None: ...
+    def requeue(self, name: str, idents: list[int]) -> None: ...
+    def reconnect_delay(self, name: str) -> float: ...
+
+
+class Owner(Protocol):
+    """What a connection needs of its node's sender (:class:`purged.net.sender.NodeSender` is one)."""
+
+    port: SenderPort
+    name: str
+    cfg: Sender
+    control: WindowControl  # the node's adaptive window, shared by its connections
+    hand_parser: bool  # set when llhttp refused a stream it could not hand over: the hand parser from now on
+    no_pipelining: bool  # set when the edge closes after each answer
+    pipelining_fallbacks: int
+
+    @property
+    def window(self) -> int: ...
+
+
 class Pipeline:
-    def __init__(self, sender: NodeSender, sock: socket.socket):
+    def __init__(self, sender: Owner, sock: socket.socket):
         self.sender = sender
         self.sock = sock
         self.port, self.name = sender.port, sender.name

@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..core.window import WindowControl
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SenderPort
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
 
 log = logging.getLogger("purged.sender")
-
-
-class SenderPort(Protocol):
-    """What a sender needs of the engine (``purged.net.driver.Driver`` provides it)."""
-
-    async def wait(self, name: str) -> None: ...
-    async def wait_for_work(self, name: str) -> None: ...
-    def take(self, name: str, limit: int) -> tuple[list[int], list[str]]: ...
-    def ack(self, name: str, idents: list[int], statuses: list[int]) -> None: ...
-    def fail(self, name: str, idents: list[int], kind: str) -> None: ...
-    def requeue(self, name: str, idents: list[int]) -> None: ...
-    def reconnect_delay(self, name: str) -> float: ...
 
 
 class NodeSender:
