@@ -54,18 +54,8 @@ class Lane:
             self.tiers.append(gates)
         self.dc_appended = [0] * len(topology.datacenters)
 
-    def append(self, target: str, now: float, mask: int) -> tuple[int, bool]:
-        seq, merged = self.log.append(target, now, mask)
-        if not merged:
-            appended, di = self.dc_appended, 0
-            while mask >> di:
-                if mask >> di & 1:
-                    appended[di] += 1
-                di += 1
-        return seq, merged
-
     def extend(self, targets: list[str], now: float, dc_mask, journal: list | None) -> tuple[int, int]:
-        """:meth:`append` each target (routed by ``dc_mask(host)``, or ``dc_mask`` itself if an int); returns
+        """Append each target to the log (routed by ``dc_mask(host)``, or ``dc_mask`` itself if an int); returns
         the highest seq it got and how many merged. New entries are also added to ``journal`` as
         ``(seq, target, now)`` if given."""
         hi, merged, new = self.log.extend(targets, now, dc_mask, journal)
@@ -81,8 +71,9 @@ class Lane:
     def read(self, node: Node, li: int, limit: int, now: float, ids: list[int], targets: list[str],
              max_age: float) -> None:
         """Read this lane for ``node`` up to its read limit, appending the id and target of each purge to send
-        to ``ids`` and ``targets`` (until they hold ``limit``): entries for other data centres are passed, superseded ones pinned on their
-        successor, stale ones (``max_age``) dropped, ones inside the node's dedup window deferred to its end.
+        to ``ids`` and ``targets`` (until they hold ``limit``): entries for other data centres are passed,
+        superseded ones pinned on their successor, stale ones (``max_age``) dropped, ones inside the node's dedup
+        window deferred to its end.
 
         Without a dedup window a read goes by runs (:meth:`_read_run`), else entry by entry (:meth:`_read_each`):
         the same result, the first with list operations."""
@@ -138,16 +129,8 @@ class Lane:
             stale = compress(numbering(), map(lt, map(add, accepted, repeat(max_age)), repeat(now)))
             odd = sorted(set(odd).union(stale))
         if not odd:
-            if type(seqs) is range:  # the usual case, :meth:`_take` inline
-                cur.take_run(cursor, end)
-                idents = range(cursor << 1 | li, end << 1 | li, 2)
-                node.inflight.update(idents)
-                ids += idents
-                out += targets
-            else:
-                self._take(node, cur, li, seqs, targets, ids, out)
+            self._take(node, cur, li, seqs, targets, ids, out)
             return end
-        stats = node.stats
         index = log.index
         prev = 0
         for k in odd:
@@ -159,13 +142,18 @@ class Lane:
             if latest_seq != seq:
                 cur.pin(seq, latest_seq)  # a later entry for the same target will purge it
             else:  # past max_age
-                cur.take(seq)
-                cur.finish(seq)
-                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
-                self.out.progress = True
+                self._drop_stale(node, cur, seq)
         if prev < n:
             self._take(node, cur, li, seqs[prev:], targets[prev:], ids, out)
         return end
+
+    def _drop_stale(self, node: Node, cur: NodeCursor, seq: int) -> None:
+        """``seq`` is past ``max_age`` for ``node``: done without a send, counted."""
+        cur.take(seq)
+        cur.finish(seq)
+        dropped = node.stats.dropped
+        dropped["max_age"] = dropped.get("max_age", 0) + 1
+        self.out.progress = True
 
     @staticmethod
     def _take(node: Node, cur: NodeCursor, li: int, seqs: range | list[int], targets, ids: list[int],
@@ -207,10 +195,7 @@ class Lane:
                 cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
             if max_age and entry[1] + max_age < now:
-                cur.take(seq)
-                cur.finish(seq)
-                stats.dropped["max_age"] = stats.dropped.get("max_age", 0) + 1
-                self.out.progress = True
+                self._drop_stale(node, cur, seq)
                 continue
             ident = seq << 1 | li
             if dedup is not None:

@@ -212,10 +212,10 @@ class PurgeLog:
                 if mask != entry[2]:
                     entries[i] = (entry[0], entry[1], mask)
 
-    def load(self, base: int, entries: list, read_mark: int) -> None:
-        """Replace the content with ``entries`` (``(target, accepted_at, dc_mask)`` each) numbered from ``base``
-        (a journal replay)."""
-        self._entries = [tuple(entry) for entry in entries]
+    def load(self, base: int, entries: list[Row], read_mark: int) -> None:
+        """Replace the content with ``entries`` (plain ``(target, accepted_at, dc_mask)`` tuples) numbered from
+        ``base`` (a journal replay)."""
+        self._entries = list(entries)
         self._offset = 0
         self.base = base
         self.head = base + len(entries)
