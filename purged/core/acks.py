@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .failures import Failures
 from .histogram import Histogram
-from .node import Node, classify
+from .node import Node, classify, is_success
 
 if TYPE_CHECKING:
     from .lane import Lane
@@ -53,11 +53,7 @@ class Acks(Failures):
         lane = self.lanes[ident & 1]
         seq = ident >> 1
         if verdict == "ok":
-            node.failures = 0
-            node.oks += 1
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
+            self._succeeded(node, 1)
             self._observe_latency(node, now - lane.log.get(seq).accepted_at)
         else:
             stats.gave_up += 1
@@ -89,7 +85,7 @@ class Acks(Failures):
         expected = range(first, first + 2 * n, 2)
         if not (
             statuses.count(status) == n
-            and (200 <= status < 300 or status == 404)
+            and is_success(status)
             and idents == (tuple(expected) if idents.__class__ is tuple else list(expected))
             and inflight.issuperset(idents)
         ):
@@ -98,23 +94,8 @@ class Acks(Failures):
         inflight.difference_update(idents)
         responses = node.stats.responses
         responses[status] = responses.get(status, 0) + n
-        lane = self.lanes[first & 1]
-        lo = first >> 1
-        entries, off = lane.log.slots()
-        accepted = list(map(_accepted_at, entries[lo + off : lo + off + n]))
-        oldest = accepted[0]
-        if node.suspects or accepted.count(oldest) != n:
-            self._ack_run(node, lane, first, n, now)
-        else:  # :meth:`_ack_run` inline: accepted together (one batch), one latency bucket
-            hist = node.latency or self._histogram(node)
-            hist.counts[bisect_left(hist.bounds, now - oldest)] += n
-            hist.total += (now - oldest) * n
-            lane.cursors[name].finish_run(lo, lo + n)
-        node.failures = 0
-        node.oks += n
-        if node.down:
-            node.down = False
-            self._out.wake.add(name)  # out of probing: a full window again
+        self._ack_run(node, self.lanes[first & 1], first, n, now)
+        self._succeeded(node, n)
         self._moved(name, 1 << (first & 1), n, now)
 
     def _ack_runs(self, node: Node, answers: list[tuple[int, int]], idents: tuple[int, ...],
@@ -123,7 +104,7 @@ class Acks(Failures):
         consecutive ids of one lane (``seq << 1 | lane``: a step of 2), answer by answer where some are stale.
         Any other status: :meth:`_ack_each`, in order, as the poison rule judges each failure after the
         successes before it."""
-        if not all(200 <= status < 300 or status == 404 for status in set(statuses)):
+        if not all(map(is_success, set(statuses))):
             self._ack_each(node, answers, now)
             return
         name = node.name
@@ -152,11 +133,7 @@ class Acks(Failures):
                         oks += 1
                         moved |= 1 << (ident & 1)
         if oks:
-            node.failures = 0
-            node.oks += oks
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
+            self._succeeded(node, oks)
         self._moved(name, moved, oks, now)
 
     def _ack_run(self, node: Node, lane: Lane, first: int, n: int, now: float) -> None:
@@ -201,7 +178,7 @@ class Acks(Failures):
         for ident, status in answers:
             if ident not in inflight:
                 continue  # stale: the node was resynced or removed meanwhile
-            if not (200 <= status < 300 or status == 404):
+            if not is_success(status):
                 self.ack(name, ident, status, now)  # retry, error, poison: the general path
                 slots = [lane.log.slots() for lane in lanes]  # it may have trimmed a log
                 continue
@@ -218,12 +195,7 @@ class Acks(Failures):
             finish[li](seq)
             moved |= 1 << li
             oks += 1
-            # Per answer, not once per read: the poison rule (_suspect) reads these between answers.
-            node.failures = 0
-            node.oks += 1
-            if node.down:
-                node.down = False
-                self._out.wake.add(name)  # out of probing: a full window again
+            self._succeeded(node, 1)  # per answer, not per read: the poison rule reads these between answers
         if oks:
             hist.total += latency
         self._moved(name, moved, oks, now)
@@ -235,6 +207,15 @@ class Acks(Failures):
         self._acks_since_trim += 1
         if self._acks_since_trim >= 1024:
             self.trim()
+
+    def _succeeded(self, node: Node, n: int) -> None:
+        """``n`` answers of ``node`` were successes: its failure streak ends, and a node marked down is up
+        again (out of probing: woken for a full window)."""
+        node.failures = 0
+        node.oks += n
+        if node.down:
+            node.down = False
+            self._out.wake.add(node.name)
 
     def _moved(self, name: str, moved: int, oks: int, now: float) -> None:
         """After a read's acks: the lanes in bit set ``moved`` advanced ``name``'s position (tier gates may

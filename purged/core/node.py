@@ -9,11 +9,16 @@ from .histogram import Histogram
 from .limits import DedupWindow, TokenBucket
 
 
+def is_success(status: int) -> bool:
+    """A node's answer that means delivered: 2xx, or 404 as ATS answers for an object it lacks."""
+    return 200 <= status < 300 or status == 404
+
+
 def classify(status: int) -> str:
     """What a node's answer means: ``ok`` (2xx, or 404 as ATS answers for an object it lacks), ``retry``
     (5xx, 408, 429: the node may do better later) or ``error`` (other codes: a misconfigured edge; retrying
     would not help)."""
-    if 200 <= status < 300 or status == 404:
+    if is_success(status):
         return "ok"
     if status >= 500 or status in (408, 429):
         return "retry"
