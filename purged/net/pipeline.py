@@ -175,10 +175,9 @@ class Pipeline:
         return rtt
 
     async def _reader(self) -> None:
-        sender, sock, port, name = self.sender, self.sock, self.port, self.name
-        control = sender.control
+        sender, sock, name = self.sender, self.sock, self.name
         parser = ResponseParser() if sender.hand_parser else FastResponseParser()
-        recv, feed, ack = sock.recv, parser.feed_statuses, port.ack
+        recv, feed = sock.recv, parser.feed_statuses
         current_time, wait_readable = trio.current_time, trio.lowlevel.wait_readable
         streak = 0  # reads since the last yield
         while True:
@@ -205,15 +204,7 @@ class Pipeline:
             if data and not parser.closed and n <= owed:
                 if n:
                     # The usual read: every answer keeps the connection open and matches a request sent.
-                    fifo = self.fifo
-                    ack(name, fifo[head : head + n], statuses)
-                    head += n
-                    if head >= _COMPACT and head * 2 >= len(fifo):
-                        del fifo[:head]
-                        head = 0
-                    self.head = head
-                    self.answered += n
-                    control.acked(n, self._answered_rtt(n, now), now)
+                    self._acked(statuses, now)
                     self._fill(now)
                 if owed - n >= PAUSE_OWED and len(data) < RECEIVE_SIZE // 2:
                     streak = 0
@@ -225,6 +216,19 @@ class Pipeline:
             # EOF completes only a read-until-close answer, which ends the connection like one that says so.
             return self._unusual(statuses, owed, last_closes=parser.closed if data else bool(statuses), now=now)
 
+    def _acked(self, statuses: list[int], now: float) -> None:
+        """The oldest ``len(statuses)`` requests owed got these answers: tell the engine and the window."""
+        n = len(statuses)
+        fifo, head = self.fifo, self.head
+        self.port.ack(self.name, fifo[head : head + n], statuses)
+        head += n
+        if head >= _COMPACT and head * 2 >= len(fifo):
+            del fifo[:head]
+            head = 0
+        self.head = head
+        self.answered += n
+        self.sender.control.acked(n, self._answered_rtt(n, now), now)
+
     def _unusual(self, statuses: list[int], owed: int, *, last_closes: bool, now: float) -> None:
         """A read that ends the connection (EOF, an answer that closes) or brings more answers than requests."""
         sender, name = self.sender, self.name
@@ -232,13 +236,8 @@ class Pipeline:
         if n > owed:
             statuses = statuses[:owed]
             log.warning("%s: a response without a request", name)
-        head = self.head
         if statuses:
-            k = len(statuses)
-            self.port.ack(name, self.fifo[head : head + k], statuses)
-            self.head = head + k
-            self.answered += k
-            sender.control.acked(k, self._answered_rtt(k, now), now)
+            self._acked(statuses, now)
         if n > owed:
             return self._end("protocol")
         left = owed - n
