@@ -20,30 +20,25 @@ from purged.core.http1_fast import FastResponseParser
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def outcome(cls, chunks: list[bytes], eof: bool) -> tuple:
+def _feed(parser, chunk: bytes) -> list[Response]:
+    return parser.feed(chunk)
+
+
+def _feed_statuses(parser, chunk: bytes) -> list[Response]:
+    """``feed_statuses``, the sender's call, as responses: (status, keep-alive) rebuilt from ``closed``."""
+    statuses = parser.feed_statuses(chunk)
+    closes = [False] * len(statuses)
+    if statuses and parser.closed:
+        closes[-1] = True
+    return [Response(status, not close) for status, close in zip(statuses, closes, strict=True)]
+
+
+def outcome(cls, chunks: list[bytes], eof: bool, feed=_feed) -> tuple:
     parser = cls()
     responses = []
     try:
         for chunk in chunks:
-            responses += parser.feed(chunk)
-        if eof:
-            responses += parser.feed_eof()
-    except ProtocolError as exc:
-        return responses, "error", exc.reason
-    return responses, "eof" if eof else "open", parser.idle
-
-
-def statuses_outcome(chunks: list[bytes], eof: bool) -> tuple:
-    """``outcome`` through ``feed_statuses``, the sender's call: (status, keep-alive) rebuilt from ``closed``."""
-    parser = FastResponseParser()
-    responses = []
-    try:
-        for chunk in chunks:
-            statuses = parser.feed_statuses(chunk)
-            closes = [False] * len(statuses)
-            if statuses and parser.closed:
-                closes[-1] = True
-            responses += [Response(status, not close) for status, close in zip(statuses, closes, strict=True)]
+            responses += feed(parser, chunk)
         if eof:
             responses += parser.feed_eof()
     except ProtocolError as exc:
@@ -54,7 +49,7 @@ def statuses_outcome(chunks: list[bytes], eof: bool) -> tuple:
 def agree(chunks: list[bytes], eof: bool) -> None:
     hand = outcome(ResponseParser, chunks, eof)
     assert outcome(FastResponseParser, chunks, eof) == hand
-    assert statuses_outcome(chunks, eof) == hand
+    assert outcome(FastResponseParser, chunks, eof, _feed_statuses) == hand
 
 
 @SETTINGS
