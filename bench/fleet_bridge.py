@@ -50,37 +50,48 @@ async def busy(fraction: float) -> None:
         await trio.sleep(0.01 * (1 - fraction))
 
 
+async def measure(publish, fetch_and_ack, seconds: float, publishers: int) -> tuple[float, float, float]:
+    """``publishers`` tasks call ``publish()`` for ``seconds``, then ``fetch_and_ack()`` (which returns how many
+    messages it acked) drains them: URLs/s published, URLs/s consumed, mean publish latency in ms."""
+    published, lat = 0, []
+    deadline = trio.current_time() + seconds
+
+    async def publisher() -> None:
+        nonlocal published
+        while trio.current_time() < deadline:
+            t = trio.current_time()
+            await publish()
+            lat.append(trio.current_time() - t)
+            published += 1
+
+    t0 = trio.current_time()
+    async with trio.open_nursery() as pubs:
+        for _ in range(publishers):
+            pubs.start_soon(publisher)
+    pub_rate = published * BATCH / (trio.current_time() - t0)
+    got, t0 = 0, trio.current_time()
+    while got < published:
+        got += await fetch_and_ack()
+    con_rate = got * BATCH / (trio.current_time() - t0)
+    return pub_rate, con_rate, 1000 * sum(lat) / len(lat)
+
+
 async def run_thread(servers: list[str], stream: str, seconds: float, publishers: int) -> tuple[float, float, float]:
     bus = NatsBus(NatsSettings(servers=tuple(servers), stream=stream, replicas=3, fetch_batch=16), "bench")
     data = payload(0)
+
+    async def fetch_and_ack() -> int:
+        msgs = await bus.fetch(16)
+        for m in msgs:
+            bus.ack(m)
+        return len(msgs)
+
     async with trio.open_nursery() as nursery:
         await nursery.start(bus.serve)
         await bus.ready.wait()
-        published, lat = 0, []
-        deadline = trio.current_time() + seconds
-
-        async def publisher() -> None:
-            nonlocal published
-            while trio.current_time() < deadline:
-                t = trio.current_time()
-                await bus.publish([data], BATCH)
-                lat.append(trio.current_time() - t)
-                published += 1
-
-        t0 = trio.current_time()
-        async with trio.open_nursery() as pubs:
-            for _ in range(publishers):
-                pubs.start_soon(publisher)
-        pub_rate = published * BATCH / (trio.current_time() - t0)
-        got, t0 = 0, trio.current_time()
-        while got < published:
-            msgs = await bus.fetch(16)
-            for m in msgs:
-                bus.ack(m)
-            got += len(msgs)
-        con_rate = got * BATCH / (trio.current_time() - t0)
+        result = await measure(lambda: bus.publish([data], BATCH), fetch_and_ack, seconds, publishers)
         nursery.cancel_scope.cancel()
-    return pub_rate, con_rate, 1000 * sum(lat) / len(lat)
+    return result
 
 
 async def run_trio_asyncio(servers: list[str], stream: str, seconds: float,
@@ -97,31 +108,17 @@ async def run_trio_asyncio(servers: list[str], stream: str, seconds: float,
         await aio(js.add_stream)(StreamConfig(name=stream, subjects=[f"{stream}.batches"], num_replicas=3))
         await aio(js.add_consumer)(stream, ConsumerConfig(durable_name="bench"))
         sub = await aio(js.pull_subscribe_bind)(durable="bench", stream=stream)
-        published, lat = 0, []
-        deadline = trio.current_time() + seconds
 
-        async def publisher() -> None:
-            nonlocal published
-            while trio.current_time() < deadline:
-                t = trio.current_time()
-                await aio(js.publish)(f"{stream}.batches", data, stream=stream)
-                lat.append(trio.current_time() - t)
-                published += 1
-
-        t0 = trio.current_time()
-        async with trio.open_nursery() as pubs:
-            for _ in range(publishers):
-                pubs.start_soon(publisher)
-        pub_rate = published * BATCH / (trio.current_time() - t0)
-        got, t0 = 0, trio.current_time()
-        while got < published:
+        async def fetch_and_ack() -> int:
             msgs = await aio(sub.fetch)(16, timeout=1)
             for m in msgs:
                 await aio(m.ack)()
-            got += len(msgs)
-        con_rate = got * BATCH / (trio.current_time() - t0)
+            return len(msgs)
+
+        result = await measure(lambda: aio(js.publish)(f"{stream}.batches", data, stream=stream), fetch_and_ack,
+                               seconds, publishers)
         await aio(nc.close)()
-    return pub_rate, con_rate, 1000 * sum(lat) / len(lat)
+    return result
 
 
 async def one(mode: str, servers: list[str], stream: str, args: argparse.Namespace) -> tuple[float, float, float]:
