@@ -140,3 +140,68 @@ def test_past_the_replay_bound_an_llhttp_error_is_final_and_asks_for_the_hand_pa
     assert info.value.reason == "bad_header" and parser.needs_hand_parser
     with pytest.raises(ProtocolError):
         parser.feed(one)  # broken for good, like the hand parser after an error
+
+
+def test_past_the_replay_bound_an_answer_for_the_hand_parser_is_final_too(monkeypatch):
+    from purged.core import http1_fast
+
+    monkeypatch.setattr(http1_fast, "_RETAIN_MAX", 100)
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    for odd in (close, close.replace(b"1.1", b"1.0"), b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n"):
+        parser = FastResponseParser()
+        parser.feed(one * 3 + one[:10])
+        parser.feed(one[10:] + one * 3 + one[:10])  # past the bound: nothing kept
+        with pytest.raises(ProtocolError) as info:
+            parser.feed(one[10:] + one + odd + one)
+        assert info.value.reason == "bad_header" and parser.needs_hand_parser
+
+
+@SETTINGS
+@given(streams(), cuts, st.booleans())
+def test_the_answer_counts_emptied_inside_responses(stream, cut_at, eof):
+    # The lists counting answers begun and heads complete are emptied when a read ends inside a response and
+    # they hold more than _COUNTS_MAX: with a bound of 1 that is nearly every read.
+    from purged.core import http1_fast
+
+    bound = http1_fast._COUNTS_MAX
+    http1_fast._COUNTS_MAX = 1
+    try:
+        agree(split(stream[0], cut_at), eof)
+    finally:
+        http1_fast._COUNTS_MAX = bound
+
+
+def test_answer_counts_stay_bounded_when_no_read_ends_between_answers(monkeypatch):
+    from purged.core import http1_fast
+
+    monkeypatch.setattr(http1_fast, "_COUNTS_MAX", 50)
+    one = b"HTTP/1.1 200 Purged\r\nContent-Length: 5\r\n\r\nhello"
+    data = (b"HTTP/1.1 100 Continue\r\n\r\n" + one) * 300
+    parser = FastResponseParser()
+    statuses = []
+    head = data[:-10]
+    for i in range(0, len(head), 97):  # 97 and the 72-byte pair are coprime: most reads end inside answers
+        statuses += parser.feed_statuses(head[i : i + 97])
+        assert len(parser._begins) <= 52 and len(parser._heads) <= 51
+    assert not parser.idle
+    statuses += parser.feed_statuses(data[-10:])
+    assert statuses == [200] * 300 and parser.idle and parser._slow is None
+
+
+def test_one_bad_reason_phrase_throughout_a_read_goes_to_the_hand_parser():
+    bad = b"HTTP/1.1 200 Bad\x7fReason\r\nContent-Length: 0\r\n\r\n"
+    good = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    for chunks in ([bad * 3], [good * 2, bad * 3], [good * 2 + bad, bad * 2]):
+        agree(chunks, False)
+        agree(chunks, True)
+
+
+def test_difference_rtsp_and_ice_status_lines_read_as_http11():
+    for protocol in (b"RTSP", b"ICE"):
+        answer = protocol + b"/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        assert FastResponseParser().feed_statuses(answer) == [200]  # llhttp's version getter says "1.1"
+        with pytest.raises(ProtocolError):
+            ResponseParser().feed(answer)
+        other = protocol + b"/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+        agree([other], False)  # any other version goes to the hand parser, which refuses it

@@ -5,9 +5,11 @@ errors, however the reads split) at about a third of its CPU on the common strea
 framed by ``Content-Length``, as Varnish and ATS send them. llhttp (C, through ``httptools``, the bindings
 uvicorn uses) frames those with one Python step per answer (``on_message_complete``, a generator resumed:
 status, keep-alive, version) instead of two regexes and a dozen bytes operations; its other callbacks are C
-methods (counters of answers begun and heads complete, a list the reason phrases go to, checked once per
-read), and
-:meth:`FastResponseParser.feed_statuses` hands the sender plain ints.
+callables (Nones appended to two lists that count the answers begun and the heads complete, a list the reason
+phrases go to, checked once per read), and :meth:`FastResponseParser.feed_statuses` hands the sender plain
+ints. (That Python step is cheap next to what it calls: ``get_http_version()`` formats a new string per
+answer, a quarter of the parse, and httptools has no other way to the version. A chain of C iterators in its
+place, ``map``/``zip`` over the getters, costs more, not less: see docs/benchmarks.md, issue 15, parser.)
 
 llhttp is not the authority, the hand parser is. llhttp differs from it on rare inputs (it refuses a repeated
 ``Content-Length`` even with the same value, ``HTTP/1.2``, chunk extensions that are not tokens; it cannot be
@@ -24,14 +26,16 @@ tests/test_http1_fast.py; none changes how an accepted answer is framed): empty 
 are skipped; a ``Content-Length`` of 19 or 20 digits below 2**64 is a length; a head or chunk-size line that
 arrives whole in one read is not held to ``max_header_size`` (llhttp does not buffer it, so memory stays
 bounded by the read; across reads the limit holds); ``Transfer-Encoding: chunked, chunked`` is refused at the
-first chunk rather than at the head.
+first chunk rather than at the head; a status line that begins ``RTSP/1.1`` or ``ICE/1.1`` is read as HTTP/1.1
+(llhttp takes those protocols, and its version getter cannot tell them from HTTP; other versions of them go
+to the hand parser, which refuses them; searching each read for them would cost more than the parse).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from itertools import count
+from functools import partial
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -43,6 +47,7 @@ _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 _GOOD_REASONS: set[bytes] = set()  # reason phrases seen clean, so a read's are checked with one issuperset
 _GOOD_REASONS_MAX = 256
 _RETAIN_MAX = 4 << 20  # bytes kept for a replay; past it, none until a read ends between responses again
+_COUNTS_MAX = 4096  # answers counted in the two lists before they are emptied while a response is open
 
 
 class _Diverted(Exception):
@@ -61,20 +66,22 @@ class FastResponseParser:
 
     __slots__ = ("max_header_size", "needs_hand_parser", "closed", "on_message_begin", "on_status",
                  "on_headers_complete", "on_message_complete", "_heads", "_ll",
-                 "_slow", "_kept", "_since", "_statuses", "_add", "_reasons", "_begins", "_peeks", "_ended",
+                 "_slow", "_kept", "_since", "_statuses", "_add", "_reasons", "_begins", "_base", "_ended",
                  "_mark", "_tail", "_status_code", "_keep_alive", "_version", "_slow_out")
 
     def __init__(self, *, max_header_size: int = DEFAULT_MAX_HEADER_SIZE) -> None:
         self.max_header_size = max_header_size
         self.needs_hand_parser = False
         self.closed = False  # the last answer returned ends the connection (only after the hand parser took over)
-        # Three of the four callbacks llhttp makes per answer are C methods, not Python functions: counters of
-        # the answers begun and of the heads complete, and the list the reason phrases go to (checked per read).
-        self._begins = count()
-        self._heads = count()
-        self._peeks = 0  # values of _begins and _heads read by feed, not answers begun or heads
-        self.on_message_begin = self._begins.__next__
-        self.on_headers_complete = self._heads.__next__
+        # Three of the four callbacks llhttp makes per answer are C callables, not Python functions: the answers
+        # begun and the heads complete are counted as Nones appended to lists (partial(list.append, None) is
+        # cheaper to call than count().__next__, a method-wrapper), and the reason phrases go to a list
+        # (checked once per read).
+        self._begins: list[None] = []
+        self._heads: list[None] = []
+        self._base = 0  # answers begun (and heads complete) before the two lists were last emptied
+        self.on_message_begin = partial(self._begins.append, None)
+        self.on_headers_complete = partial(self._heads.append, None)
         self._reasons: list[bytes] = []
         self.on_status = self._reasons.append
         # The fourth, per completed answer, resumes a generator: cheaper than calling a function (no new frame).
@@ -111,10 +118,9 @@ class FastResponseParser:
 
     def _open(self) -> bool:
         """A response has begun and not completed. (Its head too: then it must be one llhttp may frame.)"""
-        peeks = self._peeks
-        self._peeks = peeks + 1
-        heads = next(self._heads) - peeks
-        if next(self._begins) - peeks <= self._ended:
+        base = self._base
+        heads = base + len(self._heads)
+        if base + len(self._begins) <= self._ended:
             return False
         if heads > self._ended:
             status = self._status_code()
@@ -174,7 +180,11 @@ class FastResponseParser:
         reasons = self._reasons
         if reasons:
             # llhttp lets control characters through in a reason phrase; the hand parser does not.
-            if not _GOOD_REASONS.issuperset(reasons) and not _learn_reasons(reasons):
+            # Mostly one phrase ("Purged") per read: a list.count of equal bytes is cheaper than hashing each.
+            if reasons.count(reasons[0]) == len(reasons):
+                if reasons[0] not in _GOOD_REASONS and not _learn_reasons(reasons[:1]):
+                    return self._divert(data, None)
+            elif not _GOOD_REASONS.issuperset(reasons) and not _learn_reasons(reasons):
                 return self._divert(data, None)
             reasons.clear()
         kept = self._kept
@@ -188,8 +198,15 @@ class FastResponseParser:
             elif kept:
                 kept.clear()
             self._since = 0
-            self._mark = self._ended
+            self._mark = self._base = self._ended
+            self._begins.clear()
+            self._heads.clear()
             return statuses
+        heads = self._heads
+        if len(heads) > _COUNTS_MAX:  # reads keep ending inside responses: drop what the counts no longer need
+            self._base += len(heads)
+            del self._begins[: len(heads)]
+            heads.clear()
         if kept is not None:
             if len(kept) + len(data) <= _RETAIN_MAX:
                 kept += data
