@@ -119,8 +119,7 @@ class Acks(Failures):
             run = idents[lo:hi]
             if inflight.issuperset(run):
                 inflight.difference_update(run)
-                for status in statuses[lo:hi]:
-                    responses[status] = responses.get(status, 0) + 1
+                _count_statuses(responses, statuses[lo:hi])
                 self._ack_run(node, self.lanes[run[0] & 1], run[0], hi - lo, now)
                 oks += hi - lo
                 moved |= 1 << (run[0] & 1)
@@ -241,3 +240,14 @@ class Acks(Failures):
             hist = self.latency[key] = Histogram()
         node.latency = hist
         return hist
+
+
+def _count_statuses(responses: dict[int, int], statuses: tuple[int, ...]) -> None:
+    """Add ``statuses`` to the per-status counts (one status for the whole run, as a rule: one count)."""
+    status = statuses[0]
+    n = len(statuses)
+    if statuses.count(status) == n:
+        responses[status] = responses.get(status, 0) + n
+    else:
+        for status, k in Counter(statuses).items():
+            responses[status] = responses.get(status, 0) + k
