@@ -41,6 +41,7 @@ from .net.http_api import API
 from .net.http_server import TLSContext, serve_http
 from .net.journal import Journal
 from .net.multicast import MulticastStats, serve_multicast
+from .net.pipeline import Pacer
 from .net.sender import NodeSender
 from .tokens import load_tokens
 
@@ -65,6 +66,7 @@ class Service:
         )
         self.admission = Admission(self.engine, **admission_limits(cfg))
         self.driver = Driver(self.engine, self.admission, max_waiters=cfg.limits.max_waiters)
+        self.pacer = Pacer()  # every sender's read pause: one timer for all connections
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
         self.journal: Journal | None = None
@@ -118,7 +120,7 @@ class Service:
     async def start_sender(self, address) -> None:
         """Run a :class:`NodeSender` for ``address`` in the daemon nursery, in a scope of its own."""
         assert self.nursery is not None
-        sender = NodeSender(self.driver, address, self.config.sender)
+        sender = NodeSender(self.driver, address, self.config.sender, pacer=self.pacer)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
