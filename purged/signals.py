@@ -6,18 +6,32 @@ reloads the config file, keeping the running configuration when the new one has 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import trio
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .net import systemd
-
-if TYPE_CHECKING:
-    from .daemon import Service
+from .net.driver import Driver
+from .net.http_api import API
+from .net.journal import Journal
 
 log = logging.getLogger("purged")
 JOURNAL_STOP_GRACE = 1.0  # on SIGTERM with a healthy journal: time for answers already on the wire
+
+
+class Service(Protocol):
+    """What the signals need of the running daemon (:class:`purged.daemon.Service` is it)."""
+
+    config: Config
+    journal: Journal | None
+    api: API
+    driver: Driver
+    senders: dict[str, Any]
+    reloads: dict[str, int]
+
+    def backlog(self) -> int: ...
+    async def reload(self, new: Config) -> None: ...
 
 
 async def stop(service: Service, signame: str, intake: list[trio.CancelScope]) -> None:
