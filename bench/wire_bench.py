@@ -95,7 +95,9 @@ async def run_once(nodes: list[Varnish], urls: int, batch: int, cfg: Sender, tim
         last = engine.submit(targets[i : i + batch], trio.current_time()).batch_id
     before = [v.n_purges() for v in nodes]
     Counts.reads = Counts.writes = 0
-    senders = [sender_mod.NodeSender(driver, Address(v.host, v.port), cfg) for v in nodes]
+    # One read pacer for all senders, as the daemon has (trees from before it have none).
+    pacer = {"pacer": sender_mod.Pacer()} if hasattr(sender_mod, "Pacer") else {}
+    senders = [sender_mod.NodeSender(driver, Address(v.host, v.port), cfg, **pacer) for v in nodes]
     t0, times0 = time.perf_counter(), os.times()
     with trio.move_on_after(timeout) as scope:
         async with trio.open_nursery() as nursery:

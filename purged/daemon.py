@@ -1,5 +1,6 @@
 """Daemon: builds the engine, admission, driver and every adapter from the config, starts each with
-``nursery.start``, and handles signals (SIGTERM/SIGINT: stop intake, checkpoint or drain, exit; SIGHUP: reload).
+``nursery.start``, and passes the signals on (:mod:`purged.signals`: SIGTERM/SIGINT stop intake, checkpoint or
+drain, exit; SIGHUP reloads).
 
 :class:`Service` is the composition root: it owns the parts and hands each adapter the narrow port it needs
 (the :class:`~purged.net.driver.Driver` for senders, the API and multicast); no adapter imports this module.
@@ -19,7 +20,7 @@ import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from .config import Config, ConfigError, is_loopback, load_config
+from .config import Config, ConfigError, is_loopback
 from .core.admission import Admission
 from .core.engine import Engine
 from .core.reload import reconfigure
@@ -41,12 +42,13 @@ from .net.http_api import API
 from .net.http_server import TLSContext, serve_http
 from .net.journal import Journal
 from .net.multicast import MulticastStats, serve_multicast
+from .net.pipeline import Pacer
 from .net.sender import NodeSender
+from .signals import reload, stop
 from .tokens import load_tokens
 
 log = logging.getLogger("purged")
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines to systemd (backlog and rate)
-JOURNAL_STOP_GRACE = 1.0  # on SIGTERM with a healthy journal: time for answers already on the wire
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Service:
         )
         self.admission = Admission(self.engine, **admission_limits(cfg))
         self.driver = Driver(self.engine, self.admission, max_waiters=cfg.limits.max_waiters)
+        self.pacer = Pacer()  # every sender's read pause: one timer for all connections
         self.senders: dict[str, NodeSender] = {}
         self.http_port: int | None = None
         self.journal: Journal | None = None
@@ -118,7 +121,7 @@ class Service:
     async def start_sender(self, address) -> None:
         """Run a :class:`NodeSender` for ``address`` in the daemon nursery, in a scope of its own."""
         assert self.nursery is not None
-        sender = NodeSender(self.driver, address, self.config.sender)
+        sender = NodeSender(self.driver, address, self.config.sender, pacer=self.pacer)
         scope, done = trio.CancelScope(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -345,49 +348,11 @@ async def _run(service: Service, config: Config, config_path: str | None, task_s
             task_status.started(service)
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await _reload(service, config_path)
+                    await reload(service, config_path)
                     continue
-                await _stop(service, signal.Signals(signum).name, intake)
+                await stop(service, signal.Signals(signum).name, intake)
                 nursery.cancel_scope.cancel()
                 break
-
-
-async def _stop(service: Service, signame: str, intake: list[trio.CancelScope]) -> None:
-    """Stop intake; then, with a healthy journal, checkpoint and exit at once (the purges still owed are safe
-    on disk and replayed at the next start); without one, or while it cannot write, drain under the deadline."""
-    journal = service.journal
-    timeout = service.config.shutdown_timeout
-    if journal is not None and journal.error is None:
-        timeout = min(timeout, JOURNAL_STOP_GRACE)
-        log.info("received %s: stopping intake; the journal keeps what is owed (grace %gs)", signame, timeout)
-    else:
-        log.info("received %s: stopping intake, draining for up to %gs", signame, timeout)
-    systemd.stopping()
-    systemd.extend_timeout(timeout + 35)  # the drain, then the final journal flush (bounded at 30 s)
-    service.api.stopping.set()
-    for scope in intake:
-        scope.cancel()
-    await _drain(service, timeout)
-    if journal is not None:
-        await journal.close()  # what is left is replayed at the next start
-
-
-async def _reload(service: Service, path: str | None) -> None:
-    systemd.reloading()
-    if path is None:
-        log.warning("SIGHUP: no config file to reload (started without one)")
-    else:
-        try:
-            new = await trio.to_thread.run_sync(load_config, path)
-        except ConfigError as exc:
-            service.reloads["error"] += 1
-            for line in exc.errors:
-                log.error("reload: %s", line)
-            log.error("reload: %s has %d error(s); keeping the running configuration", path, len(exc.errors))
-        else:
-            await service.reload(new)
-            service.reloads["ok"] += 1
-    systemd.ready(f"{len(service.senders)} nodes")
 
 
 async def _in_scope(scopes: list, serve, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -396,22 +361,3 @@ async def _in_scope(scopes: list, serve, *, task_status=trio.TASK_STATUS_IGNORED
     with trio.CancelScope() as scope:
         scopes.append(scope)
         await serve(task_status=task_status)
-
-
-async def _drain(service: Service, timeout: float) -> None:
-    deadline = trio.current_time() + timeout
-    extended = trio.current_time()
-    with trio.move_on_at(deadline):
-        while service.backlog():
-            await service.driver.wait_progress(1.0)
-            now = trio.current_time()
-            if now - extended >= 5.0:  # keep systemd's stop timeout ahead of our own deadline
-                extended = now
-                systemd.extend_timeout(deadline - now + 5)
-    left = service.backlog()
-    if left and service.journal is not None and service.journal.error is None:
-        log.info("shutdown: %d purges still owed to nodes; the journal holds them for the next start", left)
-    elif left:
-        log.warning("shutdown: %d purges still owed to nodes after %gs", left, timeout)
-    else:
-        log.info("shutdown: every accepted purge delivered")

@@ -137,3 +137,38 @@ async def test_the_window_is_refilled_a_quarter_at_least(nursery):
     await deliver(nursery, port, server, Sender(connections=1, window=64, max_window=64))
     assert port.acked == dict.fromkeys(range(2000), 200)
     assert min(port.takes[:-1]) >= 16  # the last take is whatever was left
+
+
+
+async def test_read_pauses_taken_meanwhile_end_with_the_first(autojump_clock):
+    """The first reader to pause sleeps READ_PAUSE; the ones that pause meanwhile wake with it, and a leader
+    cancelled (its connection ended) lets them read at once rather than wait for another leader."""
+    pause = pipeline.READ_PAUSE
+    pacer = pipeline.Pacer()
+    woke: dict[str, float] = {}
+
+    async def reader(name: str, delay: float, scope: trio.CancelScope | None = None) -> None:
+        await trio.sleep(delay)
+        with scope or trio.CancelScope():
+            await pacer.pause()
+            woke[name] = trio.current_time()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "first", 0.0)
+        nursery.start_soon(reader, "second", pause / 4)
+        nursery.start_soon(reader, "third", pause / 2)
+    assert woke == dict.fromkeys(["first", "second", "third"], start + pause)
+
+    woke.clear()
+    start = trio.current_time()
+    leader = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "leader", 0.0, leader)
+        nursery.start_soon(reader, "follower", pause / 4)
+        await trio.sleep(pause / 2)
+        leader.cancel()
+    assert woke == {"follower": start + pause / 2}
+    start = trio.current_time()
+    await pacer.pause()  # nobody leads any more: the next pause is a whole one
+    assert trio.current_time() == start + pause

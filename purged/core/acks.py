@@ -89,7 +89,7 @@ class Acks(Failures):
             and idents == (tuple(expected) if idents.__class__ is tuple else list(expected))
             and inflight.issuperset(idents)
         ):
-            self._ack_runs(node, list(zip(idents, statuses, strict=True)), tuple(idents), tuple(statuses), now)
+            self._ack_runs(node, tuple(idents), tuple(statuses), now)
             return
         inflight.difference_update(idents)
         responses = node.stats.responses
@@ -98,14 +98,13 @@ class Acks(Failures):
         self._succeeded(node, n)
         self._moved(name, 1 << (first & 1), n, now)
 
-    def _ack_runs(self, node: Node, answers: list[tuple[int, int]], idents: tuple[int, ...],
-                  statuses: tuple[int, ...], now: float) -> None:
+    def _ack_runs(self, node: Node, idents: tuple[int, ...], statuses: tuple[int, ...], now: float) -> None:
         """:meth:`ack_many` for a read that is not the usual one. Every answer a success: by runs of
         consecutive ids of one lane (``seq << 1 | lane``: a step of 2), answer by answer where some are stale.
         Any other status: :meth:`_ack_each`, in order, as the poison rule judges each failure after the
         successes before it."""
         if not all(map(is_success, set(statuses))):
-            self._ack_each(node, answers, now)
+            self._ack_each(node, list(zip(idents, statuses, strict=True)), now)
             return
         name = node.name
         responses = node.stats.responses
@@ -119,13 +118,12 @@ class Acks(Failures):
             run = idents[lo:hi]
             if inflight.issuperset(run):
                 inflight.difference_update(run)
-                for status in statuses[lo:hi]:
-                    responses[status] = responses.get(status, 0) + 1
+                _count_statuses(responses, statuses[lo:hi])
                 self._ack_run(node, self.lanes[run[0] & 1], run[0], hi - lo, now)
                 oks += hi - lo
                 moved |= 1 << (run[0] & 1)
             else:  # some are stale (the node was resynced meanwhile, or an id repeats): not counted
-                for ident, status in answers[lo:hi]:
+                for ident, status in zip(run, statuses[lo:hi], strict=True):
                     if ident in inflight:
                         inflight.discard(ident)
                         responses[status] = responses.get(status, 0) + 1
@@ -241,3 +239,14 @@ class Acks(Failures):
             hist = self.latency[key] = Histogram()
         node.latency = hist
         return hist
+
+
+def _count_statuses(responses: dict[int, int], statuses: tuple[int, ...]) -> None:
+    """Add ``statuses`` to the per-status counts (one status for the whole run, as a rule: one count)."""
+    status = statuses[0]
+    n = len(statuses)
+    if statuses.count(status) == n:
+        responses[status] = responses.get(status, 0) + n
+    else:
+        for status, k in Counter(statuses).items():
+            responses[status] = responses.get(status, 0) + k

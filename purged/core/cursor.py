@@ -8,8 +8,9 @@ trimming are comparisons against it.
 
 What is taken is kept as runs ``[lo, hi)`` of consecutive seqs, not one item per seq: a node takes its window as
 one run and, answers coming back in order, one read's acknowledgements finish the front of the oldest run at
-once (:meth:`NodeCursor.finish_run`), O(1) whatever their number. Seqs finished out of order wait in ``_done``
-until the front reaches them.
+once (:meth:`NodeCursor.finish_run`), O(1) whatever their number. What is finished out of order waits in
+``_done`` until the front reaches it, as runs too: a node's connections each hold a slice of its window, and the
+answers of one connection that come back before an older one's are one run, not one item per seq.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import deque
 
 
 class NodeCursor:
-    __slots__ = ("cursor", "matched", "_runs", "_count", "_done", "_waiters")
+    __slots__ = ("cursor", "matched", "_runs", "_count", "_done", "_ndone", "_waiters")
 
     def __init__(self, start: int, matched: int = 0):
         self.cursor = start
@@ -26,7 +27,9 @@ class NodeCursor:
         # Seqs taken or pinned, ascending (they are read in order): disjoint runs [lo, hi), oldest first.
         self._runs: deque[list[int]] = deque()
         self._count = 0  # seqs inside _runs
-        self._done: set[int] = set()  # finished seqs still inside _runs
+        # Finished runs still inside _runs, lo -> hi, disjoint (each within one taken run), and how many seqs in all.
+        self._done: dict[int, int] = {}
+        self._ndone = 0
         self._waiters: dict[int, list[int]] = {}  # superseding seq -> seqs pinned on it
 
     @property
@@ -36,7 +39,7 @@ class NodeCursor:
 
     @property
     def unfinished(self) -> int:
-        return self._count - len(self._done)
+        return self._count - self._ndone
 
     def take(self, seq: int) -> None:
         runs = self._runs
@@ -74,19 +77,21 @@ class NodeCursor:
                     if self._done:
                         self._advance()
                     return
-            self._done.add(seq)
+            self._done[seq] = seq + 1
+            self._ndone += 1
             return
         done, waiters = self._done, self._waiters
         stack = [seq]
         while stack:
             s = stack.pop()
-            done.add(s)
+            done[s] = s + 1
+            self._ndone += 1
             stack.extend(waiters.pop(s, ()))
         self._advance()
 
     def finish_run(self, lo: int, hi: int) -> None:
-        """:meth:`finish` each seq of ``lo .. hi - 1``, all taken and unfinished: O(1) when they are the front
-        of the oldest run and nothing is pinned on them (answers in order)."""
+        """:meth:`finish` each seq of ``lo .. hi - 1``, all taken and unfinished (consecutive seqs taken are
+        one run): O(1) when nothing is pinned on them, at the front of the oldest run or not."""
         runs = self._runs
         waiters = self._waiters
         if runs and (not waiters or waiters.keys().isdisjoint(range(lo, hi))):
@@ -99,7 +104,10 @@ class NodeCursor:
                     runs.popleft()
                 if self._done:
                     self._advance()
-                return
+            else:  # answers of a younger connection before an older one's: they wait as one run
+                self._done[lo] = hi
+                self._ndone += hi - lo
+            return
         for seq in range(lo, hi):
             self.finish(seq)
 
@@ -108,11 +116,15 @@ class NodeCursor:
         runs, done = self._runs, self._done
         while runs:
             run = runs[0]
-            lo, hi = run
-            while lo < hi and lo in done:
-                done.discard(lo)
-                lo += 1
-            self._count -= lo - run[0]
+            first, hi = run
+            lo = first
+            while lo < hi and (end := done.pop(lo, None)) is not None:
+                if end > hi:  # a finished run reaching past this taken run: the rest waits for the next one
+                    done[hi] = end
+                    end = hi
+                lo = end
+            self._count -= lo - first
+            self._ndone -= lo - first
             if lo < hi:
                 run[0] = lo
                 return
@@ -124,6 +136,7 @@ class NodeCursor:
         self._runs.clear()
         self._count = 0
         self._done.clear()
+        self._ndone = 0
         self._waiters.clear()
         self.cursor = max(self.cursor, seq)
         return dropped

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..core.window import WindowControl
-from .pipeline import Pipeline, SenderPort
+from .pipeline import Pacer, Pipeline, SenderPort
 
 if TYPE_CHECKING:
     from ..config import Address, Sender
@@ -24,8 +24,9 @@ log = logging.getLogger("purged.sender")
 
 
 class NodeSender:
-    def __init__(self, port: SenderPort, address: Address, cfg: Sender):
+    def __init__(self, port: SenderPort, address: Address, cfg: Sender, *, pacer: Pacer | None = None):
         self.port = port
+        self.pacer = pacer or Pacer()  # the daemon gives all its senders one: their read pauses end together
         self.name = str(address)
         self.address = address
         self.cfg = cfg
