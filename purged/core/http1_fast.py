@@ -188,10 +188,13 @@ class FastResponseParser:
                 return self._divert(data, None)
             reasons.clear()
         kept = self._kept
-        try:
-            is_open = self._open()
-        except _Diverted:
-            return self._divert(data, None)
+        if self._base + len(self._begins) <= self._ended:  # _open() inline: the usual read ends between answers
+            is_open = False
+        else:
+            try:
+                is_open = self._open()
+            except _Diverted:
+                return self._divert(data, None)
         if not is_open:
             if kept is None:
                 self._kept = bytearray()  # this read ended between responses: nothing before it is replayed
