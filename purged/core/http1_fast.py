@@ -44,7 +44,7 @@ from .http1 import _RESPONSES, DEFAULT_MAX_HEADER_SIZE, ProtocolError, Response,
 __all__ = ["FastResponseParser"]
 
 _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-_GOOD_REASONS: set[bytes] = set()  # reason phrases seen clean, so a read's are checked with one issuperset
+_GOOD_REASONS: set[bytes] = set()  # reason phrases seen clean: a read's are checked with one lookup or issuperset
 _GOOD_REASONS_MAX = 256
 _RETAIN_MAX = 4 << 20  # bytes kept for a replay; past it, none until a read ends between responses again
 _COUNTS_MAX = 4096  # answers counted in the two lists before they are emptied while a response is open
