@@ -34,8 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Purged,
-    PurgeSampler,
-    Varnish,
     fmt_repeats,
     machine_note,
     make_urls,
@@ -45,6 +43,7 @@ from common import (  # noqa: E402
     wait_batch,
     wait_listening,
 )
+from edges import PurgeSampler, Varnish  # noqa: E402
 from netns_delay import DelayedLink, in_netns, tcp_rtt  # noqa: E402
 
 

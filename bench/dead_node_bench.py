@@ -1,6 +1,6 @@
 """Benchmark (issue 14): 1 of 20 nodes dead for the whole run; do the other 19 keep their rate?
 
-19 real ``varnishd`` on 127.0.0.1 (bench/common.py's ``Varnish``) and, as the 20th node, a black hole: a
+19 real ``varnishd`` on 127.0.0.1 (bench/edges.py's ``Varnish``) and, as the 20th node, a black hole: a
 listening socket whose connections are accepted and read but never answered (``--dead refused`` instead uses a
 port nobody listens on). For each repeat, paired, on the same nodes:
 
@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Purged, PurgeSampler, Varnish, fmt_repeats, free_port, machine_note, make_urls, median  # noqa: E402
+from common import Purged, fmt_repeats, free_port, machine_note, make_urls, median  # noqa: E402
 from common import post_batch as post  # noqa: E402
+from edges import PurgeSampler, Varnish  # noqa: E402
 
 
 class BlackHole:

@@ -12,7 +12,8 @@ import os
 import threading
 import time
 
-from common import Varnish, cpu_seconds
+from common import cpu_seconds
+from edges import Varnish
 from fleet_harness import (
     EdgeStubs,
     FleetDaemon,

@@ -1,7 +1,7 @@
 """Benchmark: PURGE/s that purged delivers into real loopback Varnish nodes, against wrk's pipelined ceiling.
 
 For each node count (default 1 and 4) it starts that many ``varnishd`` on 127.0.0.1 (own ``-n`` dirs, the
-PURGE VCL of ``bench/common.py``) and then, ``--repeats`` times, for each sender setting, a ceiling run right
+PURGE VCL of ``bench/edges.py``) and then, ``--repeats`` times, for each sender setting, a ceiling run right
 before a purged run, so that the pair sees about the same background load:
 
 * **ceiling**: ``wrk`` with ``bench/wrk_pipeline.lua`` (pipelined PURGEs, varying paths) straight at the same
@@ -46,8 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     PYTHON,
     Purged,
-    PurgeSampler,
-    Varnish,
     cpu_times,
     fmt_repeats,
     machine_note,
@@ -57,6 +55,7 @@ from common import (  # noqa: E402
     post_batch,
     wait_batch,
 )
+from edges import PurgeSampler, Varnish  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WRK_LUA = HERE / "wrk_pipeline.lua"

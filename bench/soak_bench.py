@@ -42,7 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PYTHON, ROOT, Varnish, cpu_seconds, machine_note, metric, rss_kib, stop_process  # noqa: E402
+from common import PYTHON, ROOT, cpu_seconds, machine_note, metric, rss_kib, stop_process  # noqa: E402
+from edges import Varnish  # noqa: E402
 from sender_bench import busy_cpu_seconds, children_cpu_seconds, run_wrk  # noqa: E402
 
 CONFIG = """\

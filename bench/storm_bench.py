@@ -31,7 +31,8 @@ import tempfile
 import threading
 import time
 
-from common import PYTHON, ROOT, Varnish, free_port, metric, rss_kib, stop_process, wait_listening
+from common import PYTHON, ROOT, free_port, metric, rss_kib, stop_process, wait_listening
+from edges import Varnish
 
 CONFIG = """\
 state_dir: null

@@ -12,7 +12,7 @@ Run it against another tree with ``PURGED_BENCH_SRC=DIR`` (its ``purged`` packag
     .venv/bin/python bench/wire_bench.py --nodes 1 --urls 200000 --repeats 3
     PURGED_BENCH_SRC=/tmp/before .venv/bin/python bench/wire_bench.py --nodes 4
 
-The nodes run the PURGE VCL of ``bench/common.py``; every run checks their ``MAIN.n_purges`` deltas. Every
+The nodes run the PURGE VCL of ``bench/edges.py``; every run checks their ``MAIN.n_purges`` deltas. Every
 loop is bounded (``--timeout``); every varnishd is stopped by PID.
 """
 
@@ -31,7 +31,7 @@ if src:
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import trio  # noqa: E402
-from common import Varnish  # noqa: E402
+from edges import Varnish  # noqa: E402
 
 from purged.config import Address, Sender  # noqa: E402
 from purged.core.admission import Admission  # noqa: E402
