@@ -82,20 +82,21 @@ def ref_trim(log: PurgeLog, below: int) -> int:
     """PurgeLog.trim entry by entry."""
     below = min(below, log.head)
     dropped = 0
-    entries, index = log._entries, log.index
+    targets, index = log._targets, log.index
     while log.base < below:
         i = log._offset
-        entry = entries[i]
-        entries[i] = None
-        if entry is not None:
-            log.bytes -= len(entry[0])
-            if index.get(entry[0]) == log.base:
-                del index[entry[0]]
+        target = targets[i]
+        targets[i] = None
+        if target is not None:
+            log.bytes -= len(target)
+            if index.get(target) == log.base:
+                del index[target]
         log._offset += 1
         log.base += 1
         dropped += 1
-    if log._offset > 4096 and log._offset * 2 > len(entries):
-        del entries[: log._offset]
+    if log._offset > 4096 and log._offset * 2 > len(targets):
+        for column in (log._targets, log._accepted, log._masks):
+            del column[: log._offset]
         log._offset = 0
     return dropped
 

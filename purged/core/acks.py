@@ -12,7 +12,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from itertools import compress, count, islice, repeat
-from operator import itemgetter, ne, sub
+from operator import ne, sub
 from typing import TYPE_CHECKING
 
 from .failures import Failures
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .lane import Lane
     from .topology import Topology
 
-_accepted_at = itemgetter(1)  # of a log row (target, accepted_at, dc_mask)
 
 
 class Acks(Failures):
@@ -143,8 +142,8 @@ class Acks(Failures):
             pop = node.suspects.pop
             for ident in range(first, first + 2 * n, 2):
                 pop(ident, None)
-        entries, off = lane.log.slots()
-        accepted = list(map(_accepted_at, entries[lo + off : hi + off]))
+        _, accepted_at, _, off = lane.log.columns()
+        accepted = accepted_at[lo + off : hi + off]
         hist = node.latency or self._histogram(node)
         oldest = accepted[0]
         if accepted.count(oldest) == n:  # accepted together (one batch): one bucket
@@ -171,14 +170,14 @@ class Acks(Failures):
         moved = 0  # bit per lane whose cursor advanced
         oks = 0
         latency = 0.0
-        slots = [lane.log.slots() for lane in lanes]
+        columns = [lane.log.columns() for lane in lanes]
         finish = [lane.cursors[name].finish for lane in lanes]
         for ident, status in answers:
             if ident not in inflight:
                 continue  # stale: the node was resynced or removed meanwhile
             if not is_success(status):
                 self.ack(name, ident, status, now)  # retry, error, poison: the general path
-                slots = [lane.log.slots() for lane in lanes]  # it may have trimmed a log
+                columns = [lane.log.columns() for lane in lanes]  # it may have trimmed a log
                 continue
             responses[status] = responses.get(status, 0) + 1
             inflight.discard(ident)
@@ -186,8 +185,8 @@ class Acks(Failures):
                 node.suspects.pop(ident, None)
             li = ident & 1
             seq = ident >> 1
-            entries, off = slots[li]
-            seconds = now - entries[seq + off][1]  # type: ignore[index]  # (target, accepted_at, dc_mask)
+            _, accepted_at, _, off = columns[li]
+            seconds = now - accepted_at[seq + off]
             observe_counts[bisect_left(observe_bounds, seconds)] += 1
             latency += seconds
             finish[li](seq)

@@ -104,8 +104,9 @@ class Lane:
         others are handled one by one, as :meth:`_read_each` would."""
         log = self.log
         bit = node.dc_bit
-        entries, off = log.slots()
-        targets, accepted, masks = zip(*entries[cursor + off : end + off])  # noqa: B905 (entries: 3-tuples)
+        column_targets, column_accepted, column_masks, off = log.columns()
+        lo, hi = cursor + off, end + off
+        targets, accepted, masks = column_targets[lo:hi], column_accepted[lo:hi], column_masks[lo:hi]
         n = end - cursor
         mask = masks[0]
         if masks.count(mask) == n and mask & bit:  # the usual case: all for this node's data centre
@@ -114,8 +115,8 @@ class Lane:
             wanted = list(map(and_, masks, repeat(bit)))
             if not any(wanted):
                 return end
-            targets = tuple(compress(targets, wanted))
-            accepted = tuple(compress(accepted, wanted))
+            targets = list(compress(targets, wanted))
+            accepted = list(compress(accepted, wanted))
             seqs = list(compress(range(cursor, end), wanted))
             n = len(seqs)
         cur.matched += n
@@ -180,21 +181,20 @@ class Lane:
         log = self.log
         index = log.index
         inflight = node.inflight
-        entries, off = log.slots()
+        column_targets, column_accepted, column_masks, off = log.columns()
         take = cur.take
         while cursor < stop and len(ids) < limit:
             seq = cursor
             cursor += 1
-            entry = entries[seq + off]  # (target, accepted_at, dc_mask)
-            if not entry[2] & bit:
+            if not column_masks[seq + off] & bit:
                 continue
             cur.matched += 1
-            target = entry[0]
+            target = column_targets[seq + off]
             latest = index[target]
             if latest != seq:
                 cur.pin(seq, latest)  # a later entry for the same target will purge it
                 continue
-            if max_age and entry[1] + max_age < now:
+            if max_age and column_accepted[seq + off] + max_age < now:
                 self._drop_stale(node, cur, seq)
                 continue
             ident = seq << 1 | li
@@ -232,8 +232,8 @@ class Lane:
         log, gate = self.log, self.linger_gate
         horizon = now - self.linger
         gate = max(gate, log.base)
-        entries, off = log.slots()
-        while gate < log.head and entries[gate + off][1] <= horizon:  # type: ignore[index]
+        _, accepted, _, off = log.columns()
+        while gate < log.head and accepted[gate + off] <= horizon:
             gate += 1
         self.linger_gate = gate
         return gate

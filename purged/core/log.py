@@ -1,8 +1,9 @@
 """Core layer: the purge log, an append-only sequence of unique pending purges shared by every node.
 
-Each entry is ``(target, accepted_at, dc_mask)``, held as a plain tuple (the cyclic GC untracks a tuple of
-atoms at its first young collection, never a tuple subclass such as :class:`Entry`, whose every held instance
-each later collection would traverse) and handed out as an :class:`Entry`; its sequence number is its position.
+Each entry is ``(target, accepted_at, dc_mask)``, held in three parallel lists, one per field, and handed out
+as an :class:`Entry`; its sequence number is its position. Columns rather than a tuple per entry: ~64 bytes less
+per pending purge (a batch's entries share one ``accepted_at`` float and small-int masks), no object per entry
+for the cyclic GC to look at, and a read of consecutive entries is a slice of each column.
 A per-target index (target -> latest seq) makes coalescing O(1): a purge whose latest entry no node has read yet
 merges into it (DESIGN.md guarantee 2: merge only while unsent). Memory is the span between the lowest node
 position and the head; :meth:`trim` drops what every node is done with.
@@ -10,11 +11,10 @@ position and the head; :meth:`trim` drops what every node is done with.
 
 from __future__ import annotations
 
-import gc
 import re
 from collections import Counter, deque
 from itertools import compress, repeat
-from operator import eq, itemgetter
+from operator import eq
 from typing import NamedTuple
 
 
@@ -24,9 +24,7 @@ class Entry(NamedTuple):
     dc_mask: int  # data centres whose nodes must get it
 
 
-Row = tuple[str, float, int]  # what the log holds: an Entry's fields in a plain tuple
-_target = itemgetter(0)  # of a Row
-_new_entry = tuple.__new__  # an Entry of a held tuple, without the Python-level __new__ of a NamedTuple
+Row = tuple[str, float, int]  # an Entry's fields in a plain tuple (what a journal replay hands to load)
 _HOST_RE = re.compile(r"\n([^/\n]*)/")  # each target's host, in targets joined after newlines
 
 
@@ -36,8 +34,11 @@ def _constant(mask: int):
 
 class PurgeLog:
     def __init__(self) -> None:
-        self._entries: list[Row | None] = []
-        self._offset = 0  # index in _entries of seq ``base``
+        # The columns: entry ``seq`` is at index ``seq - base + _offset`` of each; a trimmed target is None.
+        self._targets: list[str | None] = []
+        self._accepted: list[float] = []
+        self._masks: list[int] = []
+        self._offset = 0  # index in the columns of seq ``base``
         self.base = 0  # lowest seq still held
         self.head = 0  # next seq to assign
         self.read_mark = 0  # no node has read any entry at or above this seq
@@ -48,14 +49,16 @@ class PurgeLog:
         return self.head - self.base
 
     def get(self, seq: int) -> Entry:
-        entry = self._entries[self._offset + seq - self.base]
-        assert entry is not None
-        return _new_entry(Entry, entry)
+        i = self._offset + seq - self.base
+        target = self._targets[i]
+        assert target is not None
+        return Entry(target, self._accepted[i], self._masks[i])
 
-    def slots(self) -> tuple[list[Row | None], int]:
-        """``(entries, off)`` with ``entries[seq + off] == get(seq)`` as a plain tuple ``(target, accepted_at,
-        dc_mask)``, for hot loops; valid until the next :meth:`trim` or :meth:`load` (appends keep it valid)."""
-        return self._entries, self._offset - self.base
+    def columns(self) -> tuple[list[str | None], list[float], list[int], int]:
+        """``(targets, accepted, masks, off)``: entry ``seq`` is ``targets[seq + off]``, ``accepted[seq + off]``,
+        ``masks[seq + off]``, for hot loops; valid until the next :meth:`trim` or :meth:`load` (appends keep it
+        valid)."""
+        return self._targets, self._accepted, self._masks, self._offset - self.base
 
     def append(self, target: str, now: float, dc_mask: int) -> tuple[int, bool]:
         """Add a purge; return ``(seq, merged)``. A merge reuses the unread latest entry for the same target."""
@@ -63,7 +66,9 @@ class PurgeLog:
         if latest is not None and latest >= self.read_mark:
             return latest, True
         seq = self.head
-        self._entries.append((target, now, dc_mask))
+        self._targets.append(target)
+        self._accepted.append(now)
+        self._masks.append(dc_mask)
         self.bytes += len(target)
         self.index[target] = seq
         self.head += 1
@@ -82,7 +87,8 @@ class PurgeLog:
             dc_mask = _constant(dc_mask)
         index, read_mark = self.index, self.read_mark
         get = index.get
-        entries_append = self._entries.append
+        targets_append, accepted_append, masks_append = (self._targets.append, self._accepted.append,
+                                                        self._masks.append)
         head = self.head
         hi = -1
         merged = 0
@@ -100,7 +106,9 @@ class PurgeLog:
             h = target[: target.find("/")]
             if h != host:
                 host, mask = h, dc_mask(h)
-            entries_append((target, now, mask))
+            targets_append(target)
+            accepted_append(now)
+            masks_append(mask)
             index[target] = head
             nbytes += len(target)
             new[mask] = new.get(mask, 0) + 1
@@ -147,20 +155,9 @@ class PurgeLog:
                         del index[target]
                 return None
             index.update(zip(targets, seqs, strict=True))  # every one held was read: a new entry each
-        if masks is None:
-            rows = zip(targets, repeat(now), repeat(dc_mask))
-        else:
-            rows = zip(targets, repeat(now), masks)
-        # Paused, the GC runs one young collection over the batch's entries (at the next allocation, which
-        # untracks them) instead of one per 700.
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
-            self._entries += rows
-        finally:
-            if paused:
-                gc.enable()
+        self._targets += targets
+        self._accepted += repeat(now, n)
+        self._masks += repeat(dc_mask, n) if masks is None else masks
         if journal is not None:
             journal.extend(zip(range(head, head + n), targets, repeat(now)))
         self.head = head + n
@@ -177,10 +174,10 @@ class PurgeLog:
         dropped = min(below, self.head) - self.base
         if dropped <= 0:
             return 0
-        entries, index = self._entries, self.index
+        column, index = self._targets, self.index
         i = self._offset
-        targets = list(map(_target, entries[i : i + dropped]))
-        entries[i : i + dropped] = repeat(None, dropped)
+        targets = column[i : i + dropped]
+        column[i : i + dropped] = repeat(None, dropped)
         self.bytes -= sum(map(len, targets))
         # A target leaves the index with its latest entry (a superseded one left the index's value alone).
         # When the index has as many targets as the log entries, each entry is the latest for its target.
@@ -192,8 +189,9 @@ class PurgeLog:
         self._offset += dropped
         self.base += dropped
         # Compact once the dead prefix dominates: amortised O(1) per entry, and list indexing stays O(1).
-        if self._offset > 4096 and self._offset * 2 > len(entries):
-            del entries[: self._offset]
+        if self._offset > 4096 and self._offset * 2 > len(column):
+            for col in (self._targets, self._accepted, self._masks):
+                del col[: self._offset]
             self._offset = 0
         return dropped
 
@@ -204,22 +202,22 @@ class PurgeLog:
 
     def remask(self, mask_of) -> None:
         """Route every held entry again: its ``dc_mask`` becomes ``mask_of(target)`` (a reload changed routes)."""
-        entries = self._entries
-        for i in range(self._offset, len(entries)):
-            entry = entries[i]
-            if entry is not None:
-                mask = mask_of(entry[0])
-                if mask != entry[2]:
-                    entries[i] = (entry[0], entry[1], mask)
+        targets, masks = self._targets, self._masks
+        for i in range(self._offset, len(targets)):
+            target = targets[i]
+            if target is not None:
+                masks[i] = mask_of(target)
 
     def load(self, base: int, entries: list[Row], read_mark: int) -> None:
         """Replace the content with ``entries`` (plain ``(target, accepted_at, dc_mask)`` tuples) numbered from
         ``base`` (a journal replay)."""
-        self._entries = list(entries)
+        self._targets = [entry[0] for entry in entries]
+        self._accepted = [entry[1] for entry in entries]
+        self._masks = [entry[2] for entry in entries]
         self._offset = 0
         self.base = base
         self.head = base + len(entries)
         self.read_mark = max(base, min(read_mark, self.head))
-        self.index = {entry[0]: base + i for i, entry in enumerate(entries)}
-        self.bytes = sum(len(entry[0]) for entry in entries)
+        self.index = {target: base + i for i, target in enumerate(self._targets)}
+        self.bytes = sum(map(len, self._targets))
 
