@@ -4,6 +4,7 @@ Each entry is ``(target, accepted_at, dc_mask)``, held in three parallel lists, 
 as an :class:`Entry`; its sequence number is its position. Columns rather than a tuple per entry: ~64 bytes less
 per pending purge (a batch's entries share one ``accepted_at`` float and small-int masks), no object per entry
 for the cyclic GC to look at, and a read of consecutive entries is a slice of each column.
+
 A per-target index (target -> latest seq) makes coalescing O(1): a purge whose latest entry no node has read yet
 merges into it (DESIGN.md guarantee 2: merge only while unsent). Memory is the span between the lowest node
 position and the head; :meth:`trim` drops what every node is done with.
