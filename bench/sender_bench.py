@@ -15,8 +15,10 @@ before a purged run, so that the pair sees about the same background load:
   purged's utime+stime delta (/proc/PID/stat) / PURGEs delivered; it includes parsing the posted JSON.
 
 Printed per figure: every repeat and the median; purged's rate as a ratio to the ceiling of the same repeat;
-the CPU used by everything else on the machine during the run ("others", in cores), because these machines
-have 2 cores shared by the Varnish nodes, purged, the poster, wrk and whatever else runs.
+purged's CPU per PURGE as a share of Varnish's under wrk in the same repeat (the machine's own speed moves by
+up to ~1.5x between runs on these VMs, and both move with it); the CPU used by everything else on the machine
+during the run ("others", in cores), because these machines have 2 cores shared by the Varnish nodes, purged,
+the poster, wrk and whatever else runs.
 
     .venv/bin/python bench/sender_bench.py                            # 1 and 4 nodes, 3 repeats
     .venv/bin/python bench/sender_bench.py --nodes 1 --settings 64x2,256x2,128x4 --urls 200000
@@ -56,6 +58,7 @@ from common import (  # noqa: E402
     wait_batch,
 )
 from edges import PurgeSampler, Varnish  # noqa: E402
+from profile_summary import summarize  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WRK_LUA = HERE / "wrk_pipeline.lua"
@@ -256,61 +259,6 @@ def label(setting: tuple[int, int, int | None]) -> str:
     return f"{window} x {conns}" + (f" (cap {cap})" if cap is not None else "")
 
 
-PROFILE_CATEGORIES = [  # (label, test on the stack's frames, leaf last); the first that matches counts
-    ("send() syscall (or preempted in it)",
-     lambda fr: "_nonblocking_helper" in fr[-1] and any("send_all" in f for f in fr)),
-    ("recv() syscall (or preempted in it)",
-     lambda fr: "_nonblocking_helper" in fr[-1] and any("receive_some" in f for f in fr)),
-    ("epoll wait", lambda fr: "get_events" in fr[-1]),
-    ("ingest: HTTP API, JSON, URL validation, engine.submit",
-     lambda fr: any("_serve_connection" in f or "API." in f for f in fr)),
-    ("sender: ResponseParser.feed", lambda fr: any("ResponseParser" in f for f in fr)),
-    ("sender: Engine.ack", lambda fr: any("Engine.ack" in f for f in fr)),
-    ("sender: Engine.take", lambda fr: any("Engine.take " in f or f.startswith("Engine.take (") for f in fr)),
-    ("sender: encode_purge/split_target", lambda fr: any("encode_purge" in f or "split_target" in f for f in fr)),
-    ("wake-ups: timers, batch status, wait_for_work",
-     lambda fr: any(k in f for f in fr for k in ("run_timers", "batch_status", "wait_for_work", "changed"))),
-    ("other (trio scheduler, sender loop, GC...)", lambda fr: True),
-]
-
-
-def summarize_profile(path: str, top: int = 20) -> str:
-    """Where the samples of a py-spy raw (collapsed stacks) file went: by category, then the top functions.
-
-    py-spy samples a thread that is running *or runnable*: on a busy 2-core machine a process preempted inside
-    send() (the kernel wakes the receiving Varnish thread, which may take the CPU) is counted there. So the
-    syscall categories overstate CPU; the other shares are also shown as a fraction of the non-syscall samples.
-    """
-    self_counts: dict[str, int] = {}
-    cats = {label: 0 for label, _ in PROFILE_CATEGORIES}
-    total = 0
-    with open(path) as f:
-        for line in f:
-            stack, _, n = line.rstrip("\n").rpartition(" ")
-            if not stack:
-                continue
-            n = int(n)
-            total += n
-            frames = stack.split(";")
-            self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + n
-            for label, test in PROFILE_CATEGORIES:
-                if test(frames):
-                    cats[label] += n
-                    break
-    if not total:
-        return "  no samples"
-    waiting = sum(v for k, v in cats.items() if "syscall" in k or "epoll" in k)
-    busy = max(total - waiting, 1)
-    lines = [f"  {total} samples; by category (% of all samples / % of samples outside syscalls and epoll):"]
-    for label, n in cats.items():
-        share = "" if ("syscall" in label or "epoll" in label) else f" / {100 * n / busy:5.1f}%"
-        lines.append(f"    {100 * n / total:5.1f}%{share}  {label}")
-    lines.append("  top functions (self):")
-    for fr, n in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"    {100 * n / total:5.1f}%  {fr}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", default="1,4", help="node counts to measure, comma-separated (default 1,4)")
@@ -373,12 +321,16 @@ def main(argv: list[str] | None = None) -> int:
                                        args.profile, profile_dir, args.journal, max_window=cap)
                         if ceil:
                             r["ratio"] = r["rate"] / ceil[-1]["rate"]
+                            # The machine's own speed moves (by ~1.5x on these VMs): purged's CPU per PURGE as a
+                            # share of what Varnish spent per PURGE under wrk right before compares across runs.
+                            r["varnish_share"] = r["cpu_us"] / ceil[-1]["varnish_us"]
                         runs[(window, conns, cap)].append(r)
                         ratio = f", {r['ratio']:.2f}x that ceiling" if "ratio" in r else ""
+                        share = f", {r['varnish_share']:.2f} of Varnish's under wrk" if "ratio" in r else ""
                         print(f"  [{rep + 1}] purged window {label((window, conns, cap))} conn: {r['rate']:,.0f} PURGE/s "
                               f"({r['per_node']:,.0f}/node){ratio}; {r['elapsed']:.2f} s (posting "
                               f"{r['post_seconds']:.2f} s; steady {r['steady']:,.0f}/s; by purged's clock "
-                              f"{r['rate_purged_clock']:,.0f}/s); purged {r['cpu_us']:.1f} us CPU/PURGE ("
+                              f"{r['rate_purged_clock']:,.0f}/s); purged {r['cpu_us']:.1f} us CPU/PURGE{share} ("
                               f"{100 * r['sys_share']:.0f}% kernel) = {r['purged_cores']:.2f} cores; Varnish "
                               f"{r['varnish_cores']:.2f} cores; others {r['others_cores']:.2f} cores")
                     if args.httpx and n == 1:
@@ -398,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                     if ceil:
                         print(f"                 ratio to ceiling: {fmt_repeats([r['ratio'] for r in rs], '{:.2f}')}")
                     print(f"                 us CPU per PURGE: {fmt_repeats([r['cpu_us'] for r in rs], '{:.1f}')}")
+                    if ceil:
+                        shares = [r["varnish_share"] for r in rs]
+                        print(f"       share of Varnish's per PURGE: {fmt_repeats(shares, '{:.2f}')}")
                     if best is None or rate > best[1]:
                         best = (setting, rate)
                 if best:
@@ -418,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = os.path.join(profile_dir, name)
                 print(f"\n== profile {name}")
                 if name.endswith(".txt"):
-                    print(summarize_profile(path))
+                    print(summarize(path))
                 else:
                     import pstats
 
