@@ -131,11 +131,7 @@ class Engine(Acks):
         li = HIGH if priority == "high" else BULK
         lane = self.lanes[li]
         journal = self._appended[li] if self._appended is not None else None
-        topology = self.topology
-        # Without host patterns every data centre serves every host: one mask for all, no host cut per target.
-        routing = (topology.dc_mask if any(dc.hosts for dc in topology.datacenters)
-                   else (1 << len(topology.datacenters)) - 1)
-        hi, coalesced = lane.extend(targets, now, routing, journal)
+        hi, coalesced = lane.extend(targets, now, self.topology.routing, journal)
         stats = self._source(source)
         stats.received += len(targets)
         stats.accepted += len(targets)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import accumulate, compress, repeat
 from itertools import count as numbering
-from operator import add, and_, lt, ne
+from operator import add, and_, lt, ne, rshift
 from typing import TYPE_CHECKING
 
 from .cursor import NodeCursor
@@ -317,25 +317,17 @@ class Lane:
         """Rebuild from a journal: entries ``(target, accepted_at)`` numbered from ``base`` and each node's
         checkpointed position. A node without a checkpoint (new in the config) starts at the head. Tier gates
         open at their tier's position: the purges below were acknowledged before the restart."""
-        masks: dict[str, int] = {}
-        entries = []
-        for target, accepted_at in items:
-            host = target[: target.find("/")]
-            mask = masks.get(host)
-            if mask is None:
-                mask = masks[host] = topology.dc_mask(host)
-            entries.append((target, accepted_at, mask))
-        head = base + len(entries)
+        targets = [item[0] for item in items]
+        accepted = [item[1] for item in items]
+        masks = list(map(topology.target_mask, targets))
+        head = base + len(targets)
         starts = {node: min(max(positions.get(node, head), base), head) for node in self.cursors}
-        self.log.load(base, entries, max(starts.values(), default=base))
+        self.log.load(base, targets, accepted, masks, max(starts.values(), default=base))
         self.linger_gate = base
         # Per data centre, how many entries it must get below each seq: prefix counts give every node's
         # ``matched`` (entries read that were meant for it) in one pass.
         for di in range(len(self.dc_appended)):
-            bit = 1 << di
-            prefix = [0]
-            for entry in entries:
-                prefix.append(prefix[-1] + (1 if entry[2] & bit else 0))
+            prefix = [0, *accumulate(map(and_, map(rshift, masks, repeat(di)), repeat(1)))]
             self.dc_appended[di] = prefix[-1]
             for node, (ndi, _) in self.place.items():
                 if ndi == di:

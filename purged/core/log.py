@@ -25,7 +25,6 @@ class Entry(NamedTuple):
     dc_mask: int  # data centres whose nodes must get it
 
 
-Row = tuple[str, float, int]  # an Entry's fields in a plain tuple (what a journal replay hands to load)
 _HOST_RE = re.compile(r"\n([^/\n]*)/")  # each target's host, in targets joined after newlines
 
 
@@ -209,15 +208,15 @@ class PurgeLog:
             if target is not None:
                 masks[i] = mask_of(target)
 
-    def load(self, base: int, entries: list[Row], read_mark: int) -> None:
-        """Replace the content with ``entries`` (plain ``(target, accepted_at, dc_mask)`` tuples) numbered from
-        ``base`` (a journal replay)."""
-        self._targets = [entry[0] for entry in entries]
-        self._accepted = [entry[1] for entry in entries]
-        self._masks = [entry[2] for entry in entries]
+    def load(self, base: int, targets: list[str], accepted: list[float], masks: list[int], read_mark: int) -> None:
+        """Replace the content with the entries of these columns (a journal replay), numbered from ``base``; the
+        log keeps the lists."""
+        self._targets = targets  # type: ignore[assignment]  # a trim writes None into it
+        self._accepted = accepted
+        self._masks = masks
         self._offset = 0
         self.base = base
-        self.head = base + len(entries)
+        self.head = base + len(targets)
         self.read_mark = max(base, min(read_mark, self.head))
         self.index = {target: base + i for i, target in enumerate(self._targets)}
         self.bytes = sum(map(len, self._targets))

@@ -133,16 +133,8 @@ def _reroute(lane: Lane, topology: Topology) -> None:
     node's cursor meant for its data centre, so both are recounted over the held entries alone.
     """
     log = lane.log
-    masks: dict[str, int] = {}
-
-    def mask_of(target: str) -> int:
-        host = target[: target.find("/")]
-        mask = masks.get(host)
-        if mask is None:
-            mask = masks[host] = topology.dc_mask(host)
-        return mask
-
-    log.remask(mask_of)
+    log.remask(topology.target_mask)
+    _, _, masks, off = log.columns()
     ndcs = len(topology.datacenters)
     counts = [0] * ndcs
     by_cursor = sorted(lane.cursors.items(), key=lambda kv: kv[1].cursor)
@@ -152,7 +144,7 @@ def _reroute(lane: Lane, topology: Topology) -> None:
             name, cur = by_cursor[k]
             cur.matched = counts[lane.place[name][0]]
             k += 1
-        mask = log.get(seq).dc_mask
+        mask = masks[seq + off]
         for di in range(ndcs):
             if mask >> di & 1:
                 counts[di] += 1

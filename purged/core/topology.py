@@ -48,6 +48,14 @@ class Topology:
                     self.nodes[name] = NodeSpec(name, dc.name, tier.name, di, ti)
         self._all = (1 << len(self.datacenters)) - 1
         self._routes: dict[str, int] = {}
+        self._patterned = any(dc.hosts for dc in self.datacenters)
+        # How the log routes a batch: one mask for every host when no data centre has host patterns (no host
+        # cut per target), else dc_mask (see PurgeLog.extend).
+        self.routing = self.dc_mask if self._patterned else self._all
+
+    def target_mask(self, target: str) -> int:
+        """:meth:`dc_mask` of a purge target's host (``host/path``)."""
+        return self.dc_mask(target[: target.find("/")]) if self._patterned else self._all
 
     def dc_mask(self, host: str) -> int:
         """Bit mask of the data centres that serve ``host`` (which may carry a ``:port``, ignored here)."""
