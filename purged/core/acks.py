@@ -49,14 +49,12 @@ class Acks(Failures):
         node.inflight.discard(ident)
         if node.suspects:
             node.suspects.pop(ident, None)
-        lane = self.lanes[ident & 1]
-        seq = ident >> 1
         if verdict == "ok":
             self._succeeded(node, 1)
-            self._observe_latency(node, now - lane.log.get(seq).accepted_at)
+            self._histogram(node).observe(now - self.lanes[ident & 1].log.get(ident >> 1).accepted_at)
         else:
             stats.gave_up += 1
-        self._finish(node, lane, seq, now)
+        self._finish(node, ident, now)
         return verdict
 
     def ack_many(self, name: str, answers: list[tuple[int, int]], now: float) -> None:
@@ -197,13 +195,11 @@ class Acks(Failures):
             hist.total += latency
         self._moved(name, moved, oks, now)
 
-    def _finish(self, node: Node, lane: Lane, seq: int, now: float) -> None:
-        lane.cursors[node.name].finish(seq)
-        lane.moved(node.name, now)
-        self._out.progress = True
-        self._acks_since_trim += 1
-        if self._acks_since_trim >= 1024:
-            self.trim()
+    def _finish(self, node: Node, ident: int, now: float) -> None:
+        """The purge ``ident`` is done for ``node`` (delivered, given up or set aside) and no longer in flight."""
+        li = ident & 1
+        self.lanes[li].cursors[node.name].finish(ident >> 1)
+        self._moved(node.name, 1 << li, 1, now)
 
     def _succeeded(self, node: Node, n: int) -> None:
         """``n`` answers of ``node`` were successes: its failure streak ends, and a node marked down is up
@@ -225,9 +221,6 @@ class Acks(Failures):
             self._acks_since_trim += oks
             if self._acks_since_trim >= 1024:
                 self.trim()
-
-    def _observe_latency(self, node: Node, seconds: float) -> None:
-        self._histogram(node).observe(seconds)
 
     def _histogram(self, node: Node) -> Histogram:
         """The latency histogram of ``node``'s data centre and tier (kept on the node until a reload)."""

@@ -25,7 +25,7 @@ class Failures:
     _rng: random.Random
     _out: Outbox
 
-    def _finish(self, node: Node, lane: Lane, seq: int, now: float) -> None:
+    def _finish(self, node: Node, ident: int, now: float) -> None:
         raise NotImplementedError
 
     def fail(self, name: str, idents: list[int], kind: str, now: float) -> None:
@@ -72,12 +72,11 @@ class Failures:
             return False
         del node.suspects[ident]
         node.inflight.discard(ident)
-        lane = self.lanes[ident & 1]
-        seq = ident >> 1
         node.stats.dropped["poison"] = node.stats.dropped.get("poison", 0) + 1
-        self._out.set_aside.append(SetAside(node.name, lane.log.get(seq).target, strikes))
+        target = self.lanes[ident & 1].log.get(ident >> 1).target
+        self._out.set_aside.append(SetAside(node.name, target, strikes))
         self._out.wake.add(node.name)
-        self._finish(node, lane, seq, now)
+        self._finish(node, ident, now)
         return True
 
     def requeue(self, name: str, idents: list[int], now: float) -> None:
